@@ -1,0 +1,10 @@
+"""g4: a functional Gemma 4 text decoder with an ExecuTorch exporter."""
+
+from g4.config import CONFIGS, Config, ConfigError, LayerSpec
+from g4.fn import Cache, forward, init_cache
+from g4.params import Params, init_params, tree_map
+
+__all__ = [
+    "CONFIGS", "Cache", "Config", "ConfigError", "LayerSpec", "Params", "forward", "init_cache", "init_params",
+    "tree_map",
+]

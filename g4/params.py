@@ -1,0 +1,195 @@
+"""The parameter tree: frozen attrs nodes with tensors as leaves, `None` for absent weights.
+
+Attribute names are the Hugging Face module names, so a tree path such as
+`layers.3.self_attn.q_proj` maps to the checkpoint key `model.layers.3.self_attn.q_proj.weight`
+(see `g4.checkpoint`). Linear weights are stored as in HF: `[out, in]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import attrs
+import torch
+from torch import Tensor
+from torch.utils import _pytree
+
+from g4.config import Config
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class Attention:
+    """Attention weights; a KV-shared layer has no k_proj, v_proj or k_norm (they are None)."""
+
+    q_proj: Tensor  # [nq*d, H]
+    k_proj: Tensor | None  # [nkv*d, H]
+    v_proj: Tensor | None  # [nkv*d, H]
+    o_proj: Tensor  # [H, nq*d]
+    q_norm: Tensor  # [d]
+    k_norm: Tensor | None  # [d]; v_norm has no weight
+
+
+@attrs.frozen
+class Mlp:
+    """Gated GELU-tanh MLP."""
+
+    gate_proj: Tensor  # [I, H]
+    up_proj: Tensor  # [I, H]
+    down_proj: Tensor  # [H, I]
+
+
+@attrs.frozen
+class Layer:
+    """One decoder layer; PLE weights are None when the config has no per-layer embeddings."""
+
+    self_attn: Attention
+    mlp: Mlp
+    input_layernorm: Tensor
+    post_attention_layernorm: Tensor
+    pre_feedforward_layernorm: Tensor
+    post_feedforward_layernorm: Tensor
+    per_layer_input_gate: Tensor | None  # [P, H]
+    per_layer_projection: Tensor | None  # [H, P]
+    post_per_layer_input_norm: Tensor | None  # [H]
+    layer_scalar: Tensor  # [1]; multiplies the whole residual stream at the end of the layer
+
+
+@attrs.frozen
+class Params:
+    """The whole text decoder; the LM head is tied to `embed_tokens`."""
+
+    embed_tokens: Tensor  # [V, H]
+    embed_tokens_per_layer: Tensor | None  # [V_ple, L*P], layer-major columns
+    per_layer_model_projection: Tensor | None  # [L*P, H]
+    per_layer_projection_norm: Tensor | None  # [P]
+    norm: Tensor  # [H]
+    layers: tuple[Layer, ...]
+
+
+NODES = (Attention, Mlp, Layer, Params)
+
+for _cls in NODES:  # lets torch.func (grad, vmap) and torch.utils._pytree see the tree
+    _pytree.register_pytree_node(
+        _cls,
+        lambda n: ([getattr(n, f.name) for f in attrs.fields(type(n))], None),
+        lambda leaves, _ctx, c=_cls: c(*leaves),
+        serialized_type_name=f"g4.params.{_cls.__name__}",
+    )
+
+
+def tree_map_with_path(fn: Callable[[str, Tensor], Any], tree: T, prefix: str = "") -> T:
+    """Maps `fn(path, leaf)` over the tensor leaves of a tree of attrs nodes and tuples; None stays None."""
+    if tree is None:
+        return tree
+    if isinstance(tree, Tensor):
+        return fn(prefix, tree)  # type: ignore[return-value]
+    if isinstance(tree, tuple):
+        return type(tree)(tree_map_with_path(fn, x, _join(prefix, str(i))) for i, x in enumerate(tree))
+    if attrs.has(type(tree)):
+        return attrs.evolve(
+            tree,  # type: ignore[misc]
+            **{f.name: tree_map_with_path(fn, getattr(tree, f.name), _join(prefix, f.name))
+               for f in attrs.fields(type(tree))},
+        )
+    raise TypeError(f"tree_map: unexpected node {type(tree).__name__} at {prefix!r}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def tree_map(fn: Callable[[Tensor], Any], tree: T) -> T:
+    """Maps `fn(leaf)` over the tensor leaves of a tree."""
+    return tree_map_with_path(lambda _, x: fn(x), tree)
+
+
+def leaves_with_path(tree: Any) -> Iterator[tuple[str, Tensor]]:
+    """Yields `(path, tensor)` for every tensor leaf, in field order."""
+    out: list[tuple[str, Tensor]] = []
+    tree_map_with_path(lambda p, x: out.append((p, x)), tree)
+    return iter(out)
+
+
+def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Path -> shape of every weight the config has, in tree order (no tensors allocated)."""
+    H, P, L = cfg.hidden_size, cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
+    s: dict[str, tuple[int, ...]] = {"embed_tokens": (cfg.vocab_size, H)}
+    if P:
+        s["embed_tokens_per_layer"] = (cfg.vocab_size_per_layer_input, L * P)
+        s["per_layer_model_projection"] = (L * P, H)
+        s["per_layer_projection_norm"] = (P,)
+    s["norm"] = (H,)
+    for i, spec in enumerate(cfg.layers):
+        d, nq, nkv, inter = spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads, spec.intermediate_size
+        owns_kv = spec.kv_source == i
+        p = f"layers.{i}."
+        s[p + "self_attn.q_proj"] = (nq * d, H)
+        if owns_kv:
+            s[p + "self_attn.k_proj"] = (nkv * d, H)
+            s[p + "self_attn.v_proj"] = (nkv * d, H)
+        s[p + "self_attn.o_proj"] = (H, nq * d)
+        s[p + "self_attn.q_norm"] = (d,)
+        if owns_kv:
+            s[p + "self_attn.k_norm"] = (d,)
+        s[p + "mlp.gate_proj"] = (inter, H)
+        s[p + "mlp.up_proj"] = (inter, H)
+        s[p + "mlp.down_proj"] = (H, inter)
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm"):
+            s[p + n] = (H,)
+        if P:
+            s[p + "per_layer_input_gate"] = (P, H)
+            s[p + "per_layer_projection"] = (H, P)
+            s[p + "post_per_layer_input_norm"] = (H,)
+        s[p + "layer_scalar"] = (1,)
+    return s
+
+
+def build(cfg: Config, get: Callable[[str, tuple[int, ...]], Tensor]) -> Params:
+    """Builds the tree by calling `get(path, shape)` for every weight the config has."""
+
+    def g(path: str) -> Tensor | None:
+        return get(path, shapes[path]) if path in shapes else None
+
+    shapes = param_shapes(cfg)
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        a = p + "self_attn."
+        layers.append(
+            Layer(
+                self_attn=Attention(*(g(a + n) for n in attrs.fields_dict(Attention))),
+                mlp=Mlp(*(g(p + "mlp." + n) for n in attrs.fields_dict(Mlp))),
+                **{n: g(p + n) for n in list(attrs.fields_dict(Layer))[2:]},
+            )
+        )
+    top = {n: g(n) for n in list(attrs.fields_dict(Params))[:-1]}
+    return Params(**top, layers=tuple(layers))
+
+
+def init_value(path: str, shape: tuple[int, ...], cfg: Config, gen: torch.Generator) -> Tensor:
+    """A well-conditioned random fp32 value for one weight (used by tests and random checkpoints).
+
+    Every weight is randomized (the HF reference initializes norms and layer_scalar to ones, which
+    would hide bugs exactly where Gemma 4 is unusual): norms near 1 but not 1, layer_scalar not 1,
+    and q/k norm weights scaled by head_dim**-0.25 so that attention at scale 1.0 is not one-hot.
+    """
+    name = path.rsplit(".", 1)[-1]
+    if name == "layer_scalar":
+        return 0.5 + torch.rand(shape, generator=gen)
+    if name in ("q_norm", "k_norm"):
+        return (1.0 + 0.1 * torch.randn(shape, generator=gen)) * shape[0] ** -0.25
+    if len(shape) == 1:
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if name == "embed_tokens_per_layer":  # looked up per layer in slices of width P
+        return torch.randn(shape, generator=gen) * cfg.hidden_size_per_layer_input**-0.5
+    return torch.randn(shape, generator=gen) * shape[1] ** -0.5
+
+
+def init_params(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Params:
+    """Deterministic random parameters for `cfg` (same seed, same values on every machine)."""
+    gen = torch.Generator().manual_seed(seed)
+    return build(cfg, lambda path, shape: init_value(path, shape, cfg, gen).to(dtype))

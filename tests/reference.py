@@ -1,0 +1,27 @@
+"""Helpers that build the Hugging Face reference model on g4's random weights."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+import g4
+from g4.checkpoint import to_hf_state_dict
+
+
+def hf_model(cfg: g4.Config, params: g4.Params, dtype: torch.dtype = torch.float32):
+    """A `Gemma4ForCausalLM` (eager attention) holding exactly `params`."""
+    hf_cfg = transformers.Gemma4TextConfig(**cfg.to_hf())
+    hf_cfg._attn_implementation = "eager"
+    model = transformers.Gemma4ForCausalLM(hf_cfg).eval()
+    sd = to_hf_state_dict(params)
+    sd["lm_head.weight"] = params.embed_tokens
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return model.to(dtype)
+
+
+def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Reference logits of a full causal forward, no cache."""
+    with torch.no_grad():
+        return model(input_ids=tokens, use_cache=False).logits
