@@ -5,6 +5,14 @@ from g4.fn import Cache, forward, init_cache
 from g4.params import Params, init_params, tree_map
 
 __all__ = [
-    "CONFIGS", "Cache", "Config", "ConfigError", "LayerSpec", "Params", "forward", "init_cache", "init_params",
+    "CONFIGS",
+    "Cache",
+    "Config",
+    "ConfigError",
+    "LayerSpec",
+    "Params",
+    "forward",
+    "init_cache",
+    "init_params",
     "tree_map",
 ]

@@ -86,9 +86,7 @@ class Config:
         if bad := sorted(set(self.layer_types) - set(LAYER_TYPES)):
             raise ConfigError(f"layer_types: unknown layer type(s) {bad}; expected {LAYER_TYPES}")
         if self.attention_k_eq_v or self.enable_moe_block:
-            raise ConfigError(
-                "attention_k_eq_v / enable_moe_block (Gemma 4 31B, 26B-A4B) are not supported yet"
-            )
+            raise ConfigError("attention_k_eq_v / enable_moe_block (Gemma 4 31B, 26B-A4B) are not supported yet")
         if not 0 <= self.num_kv_shared_layers < self.num_hidden_layers:
             raise ConfigError(f"num_kv_shared_layers={self.num_kv_shared_layers} out of range")
         owners = set(self.layer_types[: self.first_shared])
@@ -109,8 +107,11 @@ class Config:
     @functools.cached_property
     def layers(self) -> tuple[LayerSpec, ...]:
         """Per-layer facts, derived once."""
-        donor = {t: max(i for i in range(self.first_shared) if self.layer_types[i] == t) for t in LAYER_TYPES
-                 if t in self.layer_types[: self.first_shared]}
+        donor = {
+            t: max(i for i in range(self.first_shared) if self.layer_types[i] == t)
+            for t in LAYER_TYPES
+            if t in self.layer_types[: self.first_shared]
+        }
         specs = []
         for i, t in enumerate(self.layer_types):
             shared = i >= self.first_shared

@@ -7,7 +7,7 @@ Attribute names are the Hugging Face module names, so a tree path such as
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import attrs
@@ -71,30 +71,41 @@ class Params:
 
 NODES = (Attention, Mlp, Layer, Params)
 
-for _cls in NODES:  # lets torch.func (grad, vmap) and torch.utils._pytree see the tree
-    _pytree.register_pytree_node(
-        _cls,
-        lambda n: ([getattr(n, f.name) for f in attrs.fields(type(n))], None),
-        lambda leaves, _ctx, c=_cls: c(*leaves),
-        serialized_type_name=f"g4.params.{_cls.__name__}",
-    )
+
+def _flatten(node: Any) -> tuple[list[Any], tuple[str, ...]]:
+    names = tuple(f.name for f in attrs.fields(type(node)) if getattr(node, f.name) is not None)
+    return [getattr(node, n) for n in names], names
+
+
+def _unflatten_fn(cls: type) -> Callable[[Iterable[Any], Any], Any]:
+    def unflatten(children: Iterable[Any], names: Any) -> Any:
+        return cls(**({f.name: None for f in attrs.fields(cls)} | dict(zip(names, children, strict=True))))
+
+    return unflatten
+
+
+for _cls in NODES:  # lets torch.func (grad, vmap) and torch.utils._pytree see the tree; None is no leaf
+    _pytree.register_pytree_node(_cls, _flatten, _unflatten_fn(_cls), serialized_type_name=f"g4.params.{_cls.__name__}")
 
 
 def tree_map_with_path(fn: Callable[[str, Tensor], Any], tree: T, prefix: str = "") -> T:
     """Maps `fn(path, leaf)` over the tensor leaves of a tree of attrs nodes and tuples; None stays None."""
-    if tree is None:
+    node: Any = tree
+    if node is None:
         return tree
-    if isinstance(tree, Tensor):
-        return fn(prefix, tree)  # type: ignore[return-value]
-    if isinstance(tree, tuple):
-        return type(tree)(tree_map_with_path(fn, x, _join(prefix, str(i))) for i, x in enumerate(tree))
-    if attrs.has(type(tree)):
-        return attrs.evolve(
-            tree,  # type: ignore[misc]
-            **{f.name: tree_map_with_path(fn, getattr(tree, f.name), _join(prefix, f.name))
-               for f in attrs.fields(type(tree))},
-        )
-    raise TypeError(f"tree_map: unexpected node {type(tree).__name__} at {prefix!r}")
+    if isinstance(node, Tensor):
+        leaf: Any = fn(prefix, node)
+        return leaf
+    if isinstance(node, tuple):
+        out: Any = type(node)(tree_map_with_path(fn, x, _join(prefix, str(i))) for i, x in enumerate(node))
+        return out
+    if attrs.has(type(node)):
+        kids = {
+            f.name: tree_map_with_path(fn, getattr(node, f.name), _join(prefix, f.name))
+            for f in attrs.fields(type(node))
+        }
+        return attrs.evolve(node, **kids)
+    raise TypeError(f"tree_map: unexpected node {type(node).__name__} at {prefix!r}")
 
 
 def _join(prefix: str, name: str) -> str:
@@ -137,8 +148,12 @@ def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
         s[p + "mlp.gate_proj"] = (inter, H)
         s[p + "mlp.up_proj"] = (inter, H)
         s[p + "mlp.down_proj"] = (H, inter)
-        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                  "post_feedforward_layernorm"):
+        for n in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
             s[p + n] = (H,)
         if P:
             s[p + "per_layer_input_gate"] = (P, H)
@@ -151,7 +166,7 @@ def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
 def build(cfg: Config, get: Callable[[str, tuple[int, ...]], Tensor]) -> Params:
     """Builds the tree by calling `get(path, shape)` for every weight the config has."""
 
-    def g(path: str) -> Tensor | None:
+    def g(path: str) -> Any:  # None where the config has no such weight
         return get(path, shapes[path]) if path in shapes else None
 
     shapes = param_shapes(cfg)

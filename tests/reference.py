@@ -18,7 +18,11 @@ def hf_model(cfg: g4.Config, params: g4.Params, dtype: torch.dtype = torch.float
     sd["lm_head.weight"] = params.embed_tokens
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
-    return model.to(dtype)
+    model = model.to(dtype)
+    # `.to(bf16)` would also round the RoPE inv_freq buffers, which `from_pretrained(dtype=bf16)`
+    # keeps in fp32: rebuild them as a real bf16 load has them.
+    model.model.rotary_emb = type(model.model.rotary_emb)(hf_cfg)
+    return model
 
 
 def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:

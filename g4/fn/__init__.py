@@ -6,6 +6,20 @@ from g4.fn.ops import gelu, mlp, rms_norm, softcap
 from g4.fn.rope import apply_rope, inv_freq, rope_table
 
 __all__ = [
-    "ATTENTION_SCALE", "Cache", "apply_rope", "embed", "forward", "gelu", "init_cache", "inv_freq", "mask",
-    "mlp", "per_layer_inputs", "rms_norm", "rope_table", "sdpa", "softcap", "write",
+    "ATTENTION_SCALE",
+    "Cache",
+    "apply_rope",
+    "embed",
+    "forward",
+    "gelu",
+    "init_cache",
+    "inv_freq",
+    "mask",
+    "mlp",
+    "per_layer_inputs",
+    "rms_norm",
+    "rope_table",
+    "sdpa",
+    "softcap",
+    "write",
 ]

@@ -75,12 +75,15 @@ def check_inputs(cfg: Config, tokens: Tensor, positions: Tensor, cache: Cache | 
         raise ValueError(f"positions must be an int64 tensor [T] with T={T} (tokens.shape[1]), got {got}")
     if cache is not None:
         if T > cache.max_seq_len:
-            raise ValueError(f"tokens: prefill of {T} tokens is longer than the cache (max_seq_len={cache.max_seq_len})")
+            raise ValueError(
+                f"tokens: prefill of {T} tokens is longer than the cache (max_seq_len={cache.max_seq_len})"
+            )
         if cache.k[0].shape[0] != tokens.shape[0]:
             raise ValueError(f"cache: batch {cache.k[0].shape[0]} does not match tokens batch {tokens.shape[0]}")
     if not torch.compiler.is_compiling() and T:  # data-dependent checks, eager only
-        if int(tokens.min()) < 0 or int(tokens.max()) >= cfg.vocab_size:
-            raise ValueError(f"tokens: ids must be in [0, {cfg.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"tokens: ids must be in [0, {cfg.vocab_size}), got [{lo}, {hi}]")
         if int(positions.min()) < 0:
             raise ValueError("positions must be >= 0")
         if cache is not None and int(positions.max()) >= cache.max_seq_len:
@@ -115,8 +118,10 @@ def forward(
 
     # Once per layer type: RoPE tables, key positions, masks.
     first = {t: cfg.layers[cfg.layer_types.index(t)] for t in set(cfg.layer_types)}
-    rope = {t: rope_table(positions, inv_freq(s.head_dim, s.rope_theta, s.partial_rotary_factor), dt)
-            for t, s in first.items()}
+    rope = {
+        t: rope_table(positions, inv_freq(s.head_dim, s.rope_theta, s.partial_rotary_factor), dt)
+        for t, s in first.items()
+    }
     new_cache = cache
     if cache is None:
         k_pos = {SLIDING: positions, FULL: positions}
@@ -148,8 +153,9 @@ def forward(
         h = finish_layer(p, cfg, h, a, None if ple is None else ple[:, :, i])
 
     if cache is not None:
-        new_cache = Cache(tuple(new_k), tuple(new_v), write(cache.ring_pos, ring_slots, positions[T - keep :]),
-                          full_pos)
+        new_cache = Cache(
+            tuple(new_k), tuple(new_v), write(cache.ring_pos, ring_slots, positions[T - keep :]), full_pos
+        )
     if last_only:
         h = h[:, -1:]
     h = rms_norm(h, params.norm, cfg.rms_norm_eps)

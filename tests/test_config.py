@@ -1,0 +1,88 @@
+import math
+
+import attrs
+import pytest
+import transformers
+
+import g4
+from g4.config import FULL, SLIDING, ConfigError
+from g4.params import param_shapes
+
+
+def n_params(cfg):
+    return sum(math.prod(s) for p, s in param_shapes(cfg).items() if not p.endswith("layer_scalar"))
+
+
+def test_real_sizes_match_spec_counts():
+    # gemma4-spec.md section 4: text parameters without layer_scalar.
+    assert n_params(g4.CONFIGS["e2b"]) == 4_628_569_344
+    assert n_params(g4.CONFIGS["e4b"]) == 7_463_013_376
+    # 540 text tensors for E2B (17 per non-shared layer, 14 per consumer, 5 top-level).
+    assert len(param_shapes(g4.CONFIGS["e2b"])) == 540
+
+
+@pytest.mark.parametrize(
+    "name, donors, full_layers",
+    [("e2b", (13, 14), (4, 9, 14, 19, 24, 29, 34)), ("e4b", (22, 23), (5, 11, 17, 23, 29, 35, 41))],
+)
+def test_real_layer_schedule(name, donors, full_layers):
+    cfg = g4.CONFIGS[name]
+    assert tuple(i for i, t in enumerate(cfg.layer_types) if t == FULL) == full_layers
+    sliding_donor, full_donor = donors
+    for i, s in enumerate(cfg.layers):
+        if i < cfg.first_shared:
+            assert s.kv_source == i
+        else:
+            assert s.kv_source == (sliding_donor if s.type == SLIDING else full_donor)
+        assert s.head_dim == (256 if s.is_sliding else 512)
+        assert s.window == (512 if s.is_sliding else None)
+    wide = [s.intermediate_size for s in cfg.layers[cfg.first_shared :]]
+    assert set(wide) == {cfg.intermediate_size * (2 if cfg.use_double_wide_mlp else 1)}
+
+
+def test_tiny_keeps_every_feature():
+    cfg = g4.CONFIGS["tiny"]
+    types = {s.type for s in cfg.layers}
+    assert types == {SLIDING, FULL}
+    assert cfg.head_dim != cfg.global_head_dim
+    assert cfg.partial_rotary_factor < 1 and cfg.hidden_size_per_layer_input > 0
+    assert cfg.use_double_wide_mlp and cfg.final_logit_softcapping
+    shared_types = {cfg.layers[i].type for i in range(cfg.first_shared, cfg.num_hidden_layers)}
+    assert shared_types == {SLIDING, FULL}
+    assert cfg.num_attention_heads > cfg.num_key_value_heads > 1  # GQA
+
+
+@pytest.mark.parametrize("name", ["tiny", "e2b", "e4b"])
+def test_from_hf_roundtrip_text_and_multimodal(name):
+    cfg = g4.CONFIGS[name]
+    text = transformers.Gemma4TextConfig(**cfg.to_hf())
+    assert g4.Config.from_hf(text.to_dict()) == cfg  # HF 5.x writes per_layer_config
+    mm = transformers.Gemma4Config(text_config=text.to_dict(), vision_config=None, audio_config=None)
+    assert g4.Config.from_hf(mm.to_dict()) == cfg
+    assert g4.Config.from_hf(cfg.to_hf()) == cfg  # flat global_head_dim, as in hub files
+    # HF's own donor map agrees with ours.
+    modes = text.kv_sharing_modes
+    assert [i >= cfg.first_shared for i in range(cfg.num_hidden_layers)] == [m == "reuse" for m in modes]
+
+
+def test_from_hf_rejects_other_models_and_missing_fields():
+    with pytest.raises(ConfigError, match="model_type 'gemma3_text' is not Gemma 4"):
+        g4.Config.from_hf(transformers.Gemma3TextConfig().to_dict())
+    d = g4.CONFIGS["tiny"].to_hf()
+    del d["hidden_size"]
+    with pytest.raises(ConfigError, match="missing field 'hidden_size'"):
+        g4.Config.from_hf(d)
+    with pytest.raises(ConfigError, match="text_config"):
+        g4.Config.from_hf({"model_type": "gemma4"})
+    with pytest.raises(ConfigError, match="not supported yet"):
+        g4.Config.from_hf({**g4.CONFIGS["tiny"].to_hf(), "attention_k_eq_v": True})
+
+
+def test_consumer_without_donor_is_rejected():
+    cfg = g4.CONFIGS["tiny"]
+    # Only full layers before the shared block, but a sliding consumer after it.
+    types = (FULL,) * 5 + (SLIDING, SLIDING, FULL)
+    with pytest.raises(ConfigError, match=r"layer_types / num_kv_shared_layers.*'sliding_attention'"):
+        attrs.evolve(cfg, layer_types=types)
+    with pytest.raises(ConfigError, match="layer_types has 3 entries"):
+        attrs.evolve(cfg, layer_types=(SLIDING, SLIDING, FULL))
