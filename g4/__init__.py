@@ -1,5 +1,6 @@
 """g4: a functional Gemma 4 text decoder with an ExecuTorch exporter."""
 
+from g4.checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
 from g4.config import CONFIGS, Config, ConfigError, LayerSpec
 from g4.fn import Cache, forward, init_cache
 from g4.params import Params, init_params, tree_map

@@ -1,13 +1,41 @@
-"""Hugging Face checkpoint names <-> parameter-tree paths (the one place that maps them)."""
+"""Hugging Face checkpoints: lean, safe loading into the parameter tree, and random full-size writers.
+
+The one place that maps checkpoint names to tree paths is `hf_name` (plus the prefix of the layout).
+Only safetensors are read (memory-mapped, one tensor at a time); pickle files are never opened.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
 from torch import Tensor
 
-from g4.params import Params, leaves_with_path
+from g4.config import CONFIGS, Config, ConfigError
+from g4.params import Params, build, init_value, leaves_with_path, param_shapes
 
 TEXT_PREFIX = "model."  # Gemma4ForCausalLM
 MM_PREFIX = "model.language_model."  # Gemma4ForConditionalGeneration (hub -it and base checkpoints)
+MM_IGNORED = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+# KV-shared layers still carry these in hub checkpoints; the reference never uses them.
+SHARED_KV_IGNORED = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint g4 cannot load; the message names the file and tensor or field at fault."""
 
 
 def hf_name(path: str) -> str:
@@ -18,3 +46,234 @@ def hf_name(path: str) -> str:
 def to_hf_state_dict(params: Params, prefix: str = TEXT_PREFIX) -> dict[str, Tensor]:
     """The tree as a Hugging Face state dict (tied lm_head not included)."""
     return {prefix + hf_name(p): t for p, t in leaves_with_path(params)}
+
+
+def read_config(path: str | os.PathLike) -> Config:
+    """The `Config` of a checkpoint folder's `config.json`."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found (expected a Hugging Face Gemma 4 checkpoint folder)")
+    try:
+        return Config.from_hf(json.loads(file.read_text()))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def _shards(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, checked to exist; refuses pickle-only folders."""
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (folder / name).is_file():
+                first = next(k for k, v in weight_map.items() if v == name)
+                raise CheckpointError(f"{index}: names shard {name!r} (e.g. for {first!r}), which does not exist")
+        return [folder / f for f in files]
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    if found := sorted(folder.glob("*.safetensors")):
+        return found
+    if pickles := sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES):
+        raise CheckpointError(
+            f"{folder}: only pickle weights found ({', '.join(pickles)}); g4 never unpickles files. Convert them to "
+            "safetensors first (e.g. transformers: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise CheckpointError(f"{folder}: no {SINGLE} or {INDEX} found")
+
+
+class _Reader:
+    """Memory-mapped views of every shard: key -> (file, shape) without reading any data."""
+
+    def __init__(self, files: list[Path]):
+        self.handles: dict[str, Any] = {}
+        self.where: dict[str, Path] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+            for k in h.keys():
+                self.handles[k], self.where[k] = h, f
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.handles[key].get_slice(key).get_shape())
+
+    def get(self, key: str) -> Tensor:
+        try:
+            return self.handles[key].get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{self.where[key]}: tensor {key!r} cannot be read ({e})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Config, Params]:
+    """Loads a Hugging Face Gemma 4 checkpoint folder (multimodal or text-only layout) as `(cfg, params)`.
+
+    Every name and shape is checked from the safetensors headers before any weight is read; then the
+    tensors are read through the memory map one at a time and converted to `dtype`, so peak memory is
+    the size of the result plus one tensor.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory")
+    cfg = read_config(folder)
+    r = _Reader(_shards(folder))
+    prefix = MM_PREFIX if any(k.startswith(MM_PREFIX) for k in r.where) else TEXT_PREFIX
+    shapes = {prefix + hf_name(p): s for p, s in param_shapes(cfg).items()}
+
+    ignorable = {
+        f"{prefix}layers.{i}.{n}" for i in range(cfg.first_shared, cfg.num_hidden_layers) for n in SHARED_KV_IGNORED
+    }
+    ignorable |= {f"{prefix}layers.{i}.self_attn.v_norm.weight" for i in range(cfg.num_hidden_layers)}
+    for key in r.where:
+        if key in shapes or key in ignorable or key == "lm_head.weight":
+            continue
+        if prefix == MM_PREFIX and key.startswith(MM_IGNORED):
+            continue
+        raise CheckpointError(f"{r.where[key]}: unexpected tensor {key!r} for this Gemma 4 config")
+    for key, want in shapes.items():
+        if key not in r.where:
+            files = ", ".join(sorted({f.name for f in r.where.values()}))
+            raise CheckpointError(f"{folder}: missing tensor {key!r} (not in {files})")
+        if (got := r.shape(key)) != want:
+            raise CheckpointError(
+                f"{r.where[key]}: tensor {key!r} has shape {list(got)}, config.json implies {list(want)}"
+            )
+    if "lm_head.weight" in r.where and r.shape("lm_head.weight") != shapes[prefix + "embed_tokens.weight"]:
+        raise CheckpointError(f"{r.where['lm_head.weight']}: lm_head.weight shape differs from the embedding")
+
+    params = build(cfg, lambda p, _: r.get(prefix + hf_name(p)).to(dtype))
+    if "lm_head.weight" in r.where:  # tied: check it rather than keep a second copy of V x H
+        _check_tied(r, params.embed_tokens)
+    return cfg, params
+
+
+def _check_tied(r: _Reader, embed: Tensor, rows: int = 16384) -> None:
+    sl = r.handles["lm_head.weight"].get_slice("lm_head.weight")
+    for i in range(0, embed.shape[0], rows):
+        if not torch.equal(sl[i : i + rows].to(embed.dtype), embed[i : i + rows]):
+            raise CheckpointError(
+                f"{r.where['lm_head.weight']}: lm_head.weight differs from embed_tokens (rows {i}..); "
+                "Gemma 4 ties them and g4 uses the embedding"
+            )
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _write_safetensors(
+    file: Path, tensors: list[tuple[str, tuple[int, ...], Callable[[], Iterator[Tensor]]]], dtype: torch.dtype
+) -> None:
+    """Streams tensors into a safetensors file; each is produced in row chunks, so memory stays bounded."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for key, shape, _ in tensors:
+        n = math.prod(shape) * itemsize
+        header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for _, _, chunks in tensors:
+            for c in chunks():
+                f.write(c.to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def write_random_checkpoint(
+    cfg: Config,
+    path: str | os.PathLike,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 4 << 30,
+    progress: bool = False,
+) -> Path:
+    """Writes a `Gemma4ForCausalLM`-format checkpoint (config.json, sharded safetensors, index) of random weights.
+
+    Tensor by tensor, in row chunks of at most 64 MiB, so E4B (16 GB in bf16) is written in bounded
+    memory. Values come from `g4.params.init_value` with one generator seeded by `seed`.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = param_shapes(cfg)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def chunks(p: str, shape: tuple[int, ...]) -> Callable[[], Iterator[Tensor]]:
+        def run() -> Iterator[Tensor]:
+            rows = max(1, (64 << 20) // (4 * math.prod(shape[1:]))) if len(shape) > 1 else shape[0]
+            for i in range(0, shape[0], rows):
+                yield init_value(p, (min(rows, shape[0] - i), *shape[1:]), cfg, gen)
+
+        return run
+
+    shards: list[list[tuple[str, tuple[int, ...], Callable[[], Iterator[Tensor]]]]] = [[]]
+    size = 0
+    for p, shape in shapes.items():
+        n = math.prod(shape) * itemsize
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((TEXT_PREFIX + hf_name(p), shape, chunks(p, shape)))
+        size += n
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for i, (name, tensors) in enumerate(zip(names, shards, strict=True)):
+        if progress:
+            print(f"writing {name} ({i + 1}/{len(shards)}, {len(tensors)} tensors)", file=sys.stderr, flush=True)
+        _atomic(out / name, lambda f, t=tensors: _write_safetensors(f, t, dtype))
+    total = sum(math.prod(s) for s in shapes.values()) * itemsize
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {k: n for n, t in zip(names, shards, strict=True) for k, _, _ in t},
+    }
+    _atomic(out / INDEX, lambda f: f.write_text(json.dumps(index, indent=2)))
+    hf = cfg.to_hf() | {"dtype": str(dtype).removeprefix("torch.")}
+    _atomic(out / "config.json", lambda f: f.write_text(json.dumps(hf, indent=2)))
+    return out
+
+
+def _atomic(dest: Path, write: Callable[[Path], Any]) -> None:
+    """Writes through a temporary file in the same folder, then renames: no half-written `dest`."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m g4.checkpoint random SIZE DIR`: write a random HF-format checkpoint."""
+    ap = argparse.ArgumentParser(prog="python -m g4.checkpoint", description=main.__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rnd = sub.add_parser("random", help="write a random-weight checkpoint of a named size")
+    rnd.add_argument("size", choices=sorted(CONFIGS))
+    rnd.add_argument("dir")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    rnd.add_argument("--max-shard-gb", type=float, default=4.0)
+    a = ap.parse_args(argv)
+    out = write_random_checkpoint(
+        CONFIGS[a.size],
+        a.dir,
+        seed=a.seed,
+        dtype=getattr(torch, a.dtype),
+        max_shard_bytes=int(a.max_shard_gb * (1 << 30)),
+        progress=True,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
