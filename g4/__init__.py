@@ -8,6 +8,7 @@ from g4.params import Params, init_params, tree_map
 __all__ = [
     "CONFIGS",
     "Cache",
+    "CheckpointError",
     "Config",
     "ConfigError",
     "LayerSpec",
@@ -15,5 +16,7 @@ __all__ = [
     "forward",
     "init_cache",
     "init_params",
+    "load_checkpoint",
     "tree_map",
+    "write_random_checkpoint",
 ]

@@ -7,6 +7,7 @@ Only safetensors are read (memory-mapped, one tensor at a time); pickle files ar
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -228,7 +229,7 @@ def write_random_checkpoint(
     for i, (name, tensors) in enumerate(zip(names, shards, strict=True)):
         if progress:
             print(f"writing {name} ({i + 1}/{len(shards)}, {len(tensors)} tensors)", file=sys.stderr, flush=True)
-        _atomic(out / name, lambda f, t=tensors: _write_safetensors(f, t, dtype))
+        _atomic(out / name, functools.partial(_write_safetensors, tensors=tensors, dtype=dtype))
     total = sum(math.prod(s) for s in shapes.values()) * itemsize
     index = {
         "metadata": {"total_size": total},
