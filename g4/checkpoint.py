@@ -89,25 +89,37 @@ def _shards(folder: Path) -> list[Path]:
 
 
 class _Reader:
-    """Memory-mapped views of every shard: key -> (file, shape) without reading any data."""
+    """Names and shapes of every shard's tensors (headers only); `get` maps one tensor at a time.
+
+    Each `get` opens its own memory map and drops it afterwards, so pages of tensors already
+    converted to another dtype do not stay mapped (and counted in RSS) for the rest of the load.
+    """
 
     def __init__(self, files: list[Path]):
-        self.handles: dict[str, Any] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.where: dict[str, Path] = {}
         for f in files:
-            try:
-                h = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own SafetensorError for bad headers
-                raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-            for k in h.keys():
-                self.handles[k], self.where[k] = h, f
+            with self._open(f) as h:
+                for k in h.keys():
+                    self.shapes[k], self.where[k] = tuple(h.get_slice(k).get_shape()), f
+
+    @staticmethod
+    def _open(f: Path) -> Any:
+        try:
+            return safe_open(str(f), framework="pt")
+        except Exception as e:  # safetensors raises its own SafetensorError for bad headers
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.handles[key].get_slice(key).get_shape())
+        return self.shapes[key]
 
-    def get(self, key: str) -> Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = None) -> Tensor:
         try:
-            return self.handles[key].get_tensor(key)
+            with self._open(self.where[key]) as h:
+                t = h.get_tensor(key)
+                return t if dtype is None else t.to(dtype)
+        except CheckpointError:
+            raise
         except Exception as e:
             raise CheckpointError(f"{self.where[key]}: tensor {key!r} cannot be read ({e})") from None
 
@@ -148,20 +160,21 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     if "lm_head.weight" in r.where and r.shape("lm_head.weight") != shapes[prefix + "embed_tokens.weight"]:
         raise CheckpointError(f"{r.where['lm_head.weight']}: lm_head.weight shape differs from the embedding")
 
-    params = build(cfg, lambda p, _: r.get(prefix + hf_name(p)).to(dtype))
+    params = build(cfg, lambda p, _: r.get(prefix + hf_name(p), dtype))
     if "lm_head.weight" in r.where:  # tied: check it rather than keep a second copy of V x H
         _check_tied(r, params.embed_tokens)
     return cfg, params
 
 
 def _check_tied(r: _Reader, embed: Tensor, rows: int = 16384) -> None:
-    sl = r.handles["lm_head.weight"].get_slice("lm_head.weight")
-    for i in range(0, embed.shape[0], rows):
-        if not torch.equal(sl[i : i + rows].to(embed.dtype), embed[i : i + rows]):
-            raise CheckpointError(
-                f"{r.where['lm_head.weight']}: lm_head.weight differs from embed_tokens (rows {i}..); "
-                "Gemma 4 ties them and g4 uses the embedding"
-            )
+    with r._open(r.where["lm_head.weight"]) as h:
+        sl = h.get_slice("lm_head.weight")
+        for i in range(0, embed.shape[0], rows):
+            if not torch.equal(sl[i : i + rows].to(embed.dtype), embed[i : i + rows]):
+                raise CheckpointError(
+                    f"{r.where['lm_head.weight']}: lm_head.weight differs from embed_tokens (rows {i}..); "
+                    "Gemma 4 ties them and g4 uses the embedding"
+                )
 
 
 # --- writing ------------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ class Params:
     per_layer_projection_norm: Tensor | None  # [P]
     norm: Tensor  # [H]
     layers: tuple[Layer, ...]
+    lm_head: Tensor | None = None  # None: tied to embed_tokens (checkpoints); the exporter may set a copy
 
 
 NODES = (Attention, Mlp, Layer, Params)
@@ -181,7 +182,7 @@ def build(cfg: Config, get: Callable[[str, tuple[int, ...]], Tensor]) -> Params:
                 **{n: g(p + n) for n in list(attrs.fields_dict(Layer))[2:]},
             )
         )
-    top = {n: g(n) for n in list(attrs.fields_dict(Params))[:-1]}
+    top = {n: g(n) for n in list(attrs.fields_dict(Params))[:-2]}
     return Params(**top, layers=tuple(layers))
 
 

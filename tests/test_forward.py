@@ -152,7 +152,7 @@ def test_prefill_longer_than_window_then_decode():
     want, _ = g4.forward(params, cfg, tokens, torch.arange(30))
     cache = g4.init_cache(cfg, max_seq_len=32)
     a, cache = g4.forward(params, cfg, tokens[:, :25], torch.arange(25), cache)  # 25 > 3 windows
-    assert sorted(cache.ring_pos.tolist()) == list(range(17, 25))  # the ring keeps the last W positions
+    assert sorted(cache.ring_end.tolist()) == list(range(18, 26))  # the ring keeps the last W positions
     outs = [a]
     for t in range(25, 30):
         o, cache = g4.forward(params, cfg, tokens[:, t : t + 1], torch.tensor([t]), cache)
@@ -239,7 +239,7 @@ def test_research_tweaks_with_evolve():
         cfg,
         tokens,
         torch.arange(16),
-        attend=lambda q, k, v, m: sdpa(q * q.shape[-1] ** -0.5, k, v, m),
+        attend=lambda q, k, v, m, spec: sdpa(q * q.shape[-1] ** -0.5, k, v, m),
     )
     assert (scaled - base).abs().max() > 1e-2
     same, _ = g4.forward(params, cfg, tokens, torch.arange(16), attend=sdpa)

@@ -7,12 +7,12 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree
 
-from g4.config import Config
+from g4.config import Config, LayerSpec
 
 # Gemma 4 q and k are RMS-normed per head, so the softmax scale is 1.0: no 1/sqrt(head_dim),
 # no query_pre_attn_scalar, no attention-logit softcap.
 ATTENTION_SCALE = 1.0
-EMPTY = -1  # position stored in a cache slot that holds nothing yet
+EMPTY = -1  # key position of a cache slot that holds nothing yet
 
 
 def mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
@@ -28,7 +28,7 @@ def mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
     return m
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, m: Tensor) -> Tensor:
+def sdpa(q: Tensor, k: Tensor, v: Tensor, m: Tensor, spec: LayerSpec | None = None) -> Tensor:
     """Eager GQA attention. q `[B, T, nq, d]`, k/v `[B, S, nkv, d]`, m `[T, S]` -> `[B, T, nq, d]`.
 
     Query heads `[j*g, (j+1)*g)` share kv head j. Scores are in the activation dtype, softmax in
@@ -49,34 +49,42 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, m: Tensor) -> Tensor:
 class Cache:
     """KV cache for the layers that own K/V (`0 .. cfg.first_shared - 1`); KV-shared layers own none.
 
-    Sliding layers keep a ring of `sliding_window` slots (slot = position % W), full layers one slot
-    per position up to `max_seq_len`. Layout `[B, slots, nkv, d]`.
+    Sliding layers keep a ring of at least `sliding_window` slots (slot = position % slots), full
+    layers one slot per position up to `max_seq_len`. Layout `[B, slots, nkv, d]`.
     """
 
     k: tuple[Tensor, ...]
     v: tuple[Tensor, ...]
-    ring_pos: Tensor  # [W] position held by each sliding-layer slot, EMPTY if none
-    full_pos: Tensor  # [max_seq_len] position held by each full-layer slot, EMPTY if none
+    # 1 + position of the token held by each slot, 0 if empty: an all-zero cache (which is how
+    # ExecuTorch allocates mutable buffers) is an empty one.
+    ring_end: Tensor  # [R] sliding-layer ring slots
+    full_end: Tensor  # [max_seq_len] full-layer slots
 
     @property
     def max_seq_len(self) -> int:
         """Number of full-attention slots: the longest context this cache can hold."""
-        return self.full_pos.shape[0]
+        return self.full_end.shape[0]
 
 
 _pytree.register_pytree_node(
     Cache,
-    lambda c: ([c.k, c.v, c.ring_pos, c.full_pos], None),
+    lambda c: ([c.k, c.v, c.ring_end, c.full_end], None),
     lambda xs, _: Cache(*xs),
     serialized_type_name="g4.fn.attention.Cache",
 )
 
 
-def init_cache(cfg: Config, batch: int = 1, max_seq_len: int = 4096, dtype: torch.dtype = torch.float32) -> Cache:
-    """An empty cache for `batch` sequences of up to `max_seq_len` tokens."""
+def init_cache(
+    cfg: Config, batch: int = 1, max_seq_len: int = 4096, dtype: torch.dtype = torch.float32, max_chunk: int = 0
+) -> Cache:
+    """An empty cache for `batch` sequences of up to `max_seq_len` tokens.
+
+    The sliding ring has `max(sliding_window, max_chunk)` slots (capped at max_seq_len): a prefill
+    chunk of up to `max_chunk` tokens is then written whole, with distinct slots.
+    """
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    ring = min(cfg.sliding_window, max_seq_len)
+    ring = min(max(cfg.sliding_window, max_chunk), max_seq_len)
     shapes = [
         (batch, ring if s.is_sliding else max_seq_len, s.num_kv_heads, s.head_dim)
         for s in cfg.layers[: cfg.first_shared]
@@ -84,8 +92,8 @@ def init_cache(cfg: Config, batch: int = 1, max_seq_len: int = 4096, dtype: torc
     return Cache(
         k=tuple(torch.zeros(s, dtype=dtype) for s in shapes),
         v=tuple(torch.zeros(s, dtype=dtype) for s in shapes),
-        ring_pos=torch.full((ring,), EMPTY, dtype=torch.int64),
-        full_pos=torch.full((max_seq_len,), EMPTY, dtype=torch.int64),
+        ring_end=torch.zeros(ring, dtype=torch.int64),
+        full_end=torch.zeros(max_seq_len, dtype=torch.int64),
     )
 
 

@@ -16,7 +16,7 @@ from g4.params import Attention, Layer, Params
 
 PLE_COMBINE_SCALE = 2**-0.5  # (context projection + token table) / sqrt(2)
 
-Attend = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+Attend = Callable[[Tensor, Tensor, Tensor, Tensor, LayerSpec], Tensor]
 Write = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -107,8 +107,8 @@ def forward(
 
     tokens `[B, T]` int64, positions `[T]` int64 absolute positions shared by the batch. Without a
     cache this is a plain causal forward; with one, prefill of any length and one-token decode are
-    the same call. `attend(q, k, v, mask)` and `write(buf, slots, new)` can be swapped (the exporter
-    passes in-place / fused versions).
+    the same call. `attend(q, k, v, mask, spec)` and `write(buf, slots, new)` can be swapped (the
+    exporter passes ExecuTorch's fused, in-place versions).
     """
     check_inputs(cfg, tokens, positions, cache)
     dt = params.embed_tokens.dtype
@@ -126,11 +126,13 @@ def forward(
     if cache is None:
         k_pos = {SLIDING: positions, FULL: positions}
     else:
-        W = cache.ring_pos.shape[0]
-        keep = min(T, W)  # a ring of W slots keeps the last W tokens
-        ring_slots = positions[T - keep :] % W
-        full_pos = write(cache.full_pos, positions, positions)
-        k_pos = {SLIDING: torch.cat([cache.ring_pos, positions]), FULL: full_pos}
+        R = cache.ring_end.shape[0]  # ring slots (>= sliding_window); slot = position % R
+        # Only the last R new tokens can stay in the ring. Under torch.export T <= R is known from
+        # the chunk bound, so no slicing (and no shape guard) enters the graph.
+        keep = slice(None) if T <= R else slice(T - R, None)
+        ring_slots = positions[keep] % R
+        full_end = write(cache.full_end, positions, positions + 1)
+        k_pos = {SLIDING: torch.cat([cache.ring_end - 1, positions]), FULL: full_end - 1}
         new_k, new_v = list(cache.k), list(cache.v)
     masks = {t: mask(positions, k_pos[t], s.window) for t, s in first.items()}
 
@@ -143,21 +145,22 @@ def forward(
             k, v = project_kv(p.self_attn, spec, x, cos, sin, cfg.rms_norm_eps)
             if cache is not None and spec.is_sliding:  # attend over ring + new, then keep the last W
                 kv[i] = torch.cat([cache.k[i], k], 1), torch.cat([cache.v[i], v], 1)
-                new_k[i] = write(cache.k[i], ring_slots, k[:, T - keep :])
-                new_v[i] = write(cache.v[i], ring_slots, v[:, T - keep :])
+                new_k[i] = write(cache.k[i], ring_slots, k[:, keep])
+                new_v[i] = write(cache.v[i], ring_slots, v[:, keep])
             elif cache is not None:  # full: write into the slot of each position, attend over all slots
                 kv[i] = new_k[i], new_v[i] = write(cache.k[i], positions, k), write(cache.v[i], positions, v)
             else:
                 kv[i] = k, v
-        a = attend(q, *kv[spec.kv_source], masks[spec.type])
+        a = attend(q, *kv[spec.kv_source], masks[spec.type], spec)
         h = finish_layer(p, cfg, h, a, None if ple is None else ple[:, :, i])
 
     if cache is not None:
         new_cache = Cache(
-            tuple(new_k), tuple(new_v), write(cache.ring_pos, ring_slots, positions[T - keep :]), full_pos
+            tuple(new_k), tuple(new_v), write(cache.ring_end, ring_slots, positions[keep] + 1), full_end
         )
     if last_only:
         h = h[:, -1:]
     h = rms_norm(h, params.norm, cfg.rms_norm_eps)
-    logits = F.linear(h, params.embed_tokens)  # tied head: the UNSCALED embedding matrix
+    head = params.embed_tokens if params.lm_head is None else params.lm_head
+    logits = F.linear(h, head)  # tied head: the UNSCALED embedding matrix
     return softcap(logits, cfg.final_logit_softcapping), new_cache

@@ -1,0 +1,183 @@
+"""Export g4 to an ExecuTorch `.pte` that ExecuTorch's stock LLM runner can run.
+
+Pipeline: parameters (quantized leaf by leaf) -> `Shim` (buffers) -> `torch.export` with a dynamic
+prefill length -> tanh-GELU kept as tanh arithmetic -> `to_edge_transform_and_lower` with the XNNPACK
+partitioners -> `to_executorch` -> written to a temporary file and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from g4.config import Config
+from g4.export.quant import EMBEDDING_BITS, EMBEDDING_TABLES, LINEAR_MODES, linear_ok, quantize_embedding, \
+    quantize_linear
+from g4.export.shim import Shim
+from g4.params import Params, tree_map_with_path
+
+
+@attrs.frozen(kw_only=True)
+class ExportOptions:
+    """What to export: context, chunk, dtype, quantization."""
+
+    max_seq_len: int = 1024  # KV cache slots: the longest context (get_max_context_len)
+    max_chunk: int | None = None  # longest prefill per call (get_max_seq_len); None: min(max_seq_len, 256)
+    dtype: str = "fp32"  # activations and unquantized weights: fp32 | bf16
+    quantize: str = "none"  # linear layers: none | 8da8w | 8da4w
+    group_size: int = 32  # int4 weight group size (8da4w, 4-bit embeddings)
+    embedding_quantize: int = 0  # token and per-layer embedding tables: 0 (none) | 8 | 4 bits
+    kv_cache: str = "fp32"  # fp32 (int8 is not implemented yet)
+
+    def __attrs_post_init__(self) -> None:
+        if self.quantize not in LINEAR_MODES:
+            raise ValueError(f"quantize must be one of {LINEAR_MODES}, got {self.quantize!r}")
+        if self.embedding_quantize not in EMBEDDING_BITS:
+            raise ValueError(f"embedding_quantize must be one of {EMBEDDING_BITS}, got {self.embedding_quantize}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.kv_cache != "fp32":
+            raise ValueError(f"kv_cache {self.kv_cache!r} is not supported yet (only fp32)")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+
+    @property
+    def chunk(self) -> int:
+        """The longest prefill chunk the .pte accepts."""
+        return self.max_chunk or min(self.max_seq_len, 256)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The export dtype as a torch dtype."""
+        return torch.float32 if self.dtype == "fp32" else torch.bfloat16
+
+
+def quantize_params(params: Params, opts: ExportOptions, log: Callable[[str], None] = lambda _: None) -> Params:
+    """The tree with linear weights and embedding tables quantized per `opts`; LM head untied if needed."""
+    dt = opts.torch_dtype
+    skipped: list[str] = []
+
+    def q(path: str, w: torch.Tensor) -> torch.Tensor:
+        w = w.to(dt)
+        name = path.rsplit(".", 1)[-1]
+        if w.dim() != 2:
+            return w
+        if name in EMBEDDING_TABLES:
+            return quantize_embedding(w, opts.embedding_quantize, opts.group_size)
+        if linear_ok(tuple(w.shape), opts.quantize, opts.group_size):
+            return quantize_linear(w, opts.quantize, opts.group_size)
+        if opts.quantize != "none":
+            skipped.append(path)
+        return w
+
+    out = tree_map_with_path(q, attrs.evolve(params, lm_head=None))
+    if opts.quantize != "none" or opts.embedding_quantize:
+        # The LM head reads the whole table every token: it gets the linear scheme (or stays
+        # unquantized), while the lookup table gets the embedding scheme.
+        head = params.embed_tokens.to(dt)
+        out = attrs.evolve(out, lm_head=quantize_linear(head, opts.quantize, opts.group_size)
+                           if linear_ok(tuple(head.shape), opts.quantize, opts.group_size) else head)
+    if skipped:
+        log(f"  left in {opts.dtype} (input width not a multiple of group size {opts.group_size}): {len(skipped)}")
+    return out
+
+
+def metadata(cfg: Config, opts: ExportOptions) -> dict[str, Any]:
+    """Constant methods the ExecuTorch LLM runner reads."""
+    return {
+        "get_max_seq_len": opts.chunk,
+        "get_max_context_len": opts.max_seq_len,
+        "get_vocab_size": cfg.vocab_size,
+        "get_bos_id": cfg.bos_token_id,
+        "get_eos_ids": list(cfg.eos_token_id),
+        "get_n_layers": cfg.num_hidden_layers,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "get_g4_config": 1,  # marks a g4 program
+    }
+
+
+def _gelu_tanh(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """tanh-GELU as tanh arithmetic: XNNPACK (executorch 1.5.1) lowers `gelu` as exact erf-GELU."""
+    if approximate != "tanh":
+        return x * 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2/pi)
+    return 0.5 * x * (1.0 + torch.tanh(inner))
+
+
+def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
+    """torch.export -> edge -> XNNPACK -> ExecuTorch program."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackDynamicallyQuantizedPartitioner,
+        XnnpackPartitioner,
+    )
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    t0 = time.perf_counter()
+    n = min(2, opts.chunk)
+    example = (torch.zeros(1, n, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+    dyn = ({1: torch.export.Dim("T", min=1, max=opts.chunk)}, None)
+    with torch.no_grad():
+        ep = torch.export.export(shim, example, dynamic_shapes=dyn, strict=False)
+        ep = ep.run_decompositions({torch.ops.aten.gelu.default: _gelu_tanh})
+    log(f"  export: {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    edge = to_edge_transform_and_lower(
+        ep,
+        partitioner=[XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=metadata(shim.cfg, opts),
+    )
+    log(f"  lower: {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    prog = edge.to_executorch(
+        ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        )
+    )
+    log(f"  to_executorch: {time.perf_counter() - t0:.1f} s")
+    return prog
+
+
+def write_atomic(prog: Any, out: Path) -> None:
+    """Serializes to a temporary file beside `out`, then renames: never a partial or clobbered file."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            prog.write_to_file(f)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_pte(cfg: Config, params: Params, out: str | os.PathLike, opts: ExportOptions = ExportOptions(),
+               log: Callable[[str], None] | None = None) -> Path:
+    """Exports `params` to `out` (.pte); returns the path."""
+    say = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist")
+    t0 = time.perf_counter()
+    qp = quantize_params(params, opts, say)
+    say(f"  quantize ({opts.quantize}, embeddings {opts.embedding_quantize or 'none'}): "
+        f"{time.perf_counter() - t0:.1f} s")
+    shim = Shim(cfg, qp, opts.max_seq_len, opts.chunk, custom_ops=opts.dtype == "fp32")
+    prog = lower(shim, opts, say)
+    t0 = time.perf_counter()
+    write_atomic(prog, out)
+    say(f"  serialize: {time.perf_counter() - t0:.1f} s")
+    return out

@@ -1,0 +1,107 @@
+"""The thin `nn.Module` around `g4.forward` that `torch.export` traces, with ExecuTorch's cache ops.
+
+No model logic lives here: the module holds the tree's leaves and the cache as buffers, rebuilds the
+tree in `forward(tokens, input_pos)` and calls `g4.forward` with two swapped-in hooks:
+
+- `write`: in-place cache writes with `llama::update_cache_with_indices` (ExecuTorch's custom op), so
+  a decode step writes T rows and never copies a whole cache;
+- `attend`: `llama::custom_sdpa` (tiled flash attention). Full layers attend causally over the first
+  `start_pos + T` slots of their cache; sliding layers over `ring ++ new` with the slot-position mask.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from g4.config import Config, LayerSpec
+from g4.fn.attention import ATTENTION_SCALE, Cache, init_cache
+from g4.fn.model import Attend, forward
+from g4.params import Params, build, leaves_with_path
+
+
+def _load_custom_ops() -> None:
+    """Registers ExecuTorch's `llama::` ops (custom_sdpa, update_cache_with_indices) with torch."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+def et_write(buf: Tensor, slots: Tensor, new: Tensor) -> Tensor:
+    """In-place cache write; K/V `[B, S, H, D]` through ExecuTorch's op, slot positions with index_copy_."""
+    if buf.dim() == 4:
+        torch.ops.llama.update_cache_with_indices(new, buf, 0, slots[None].expand(buf.shape[0], -1))
+        return buf
+    return buf.index_copy_(0, slots, new)
+
+
+def inplace_write(buf: Tensor, slots: Tensor, new: Tensor) -> Tensor:
+    """In-place `index_copy_` along the slot dim (for exports without ExecuTorch's custom ops)."""
+    return buf.index_copy_(1 if buf.dim() > 1 else 0, slots, new)
+
+
+def et_attend(start_pos: int) -> Attend:
+    """`attend` for the export: custom_sdpa at Gemma 4's scale 1.0 (fp32 only, as the op)."""
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, m: Tensor, spec: LayerSpec) -> Tensor:
+        if spec.window is None:  # full layer: cache slot == position, contiguous from 0
+            return torch.ops.llama.custom_sdpa(q, k, v, start_pos, None, 0.0, True, ATTENTION_SCALE)
+        # Sliding: k = ring (W slots) ++ new (T); custom_sdpa reads the first W + T keys.
+        fmask = torch.zeros(m.shape, dtype=torch.float32).masked_fill(~m, float("-inf"))
+        return torch.ops.llama.custom_sdpa(q, k, v, k.shape[1] - q.shape[1], fmask, 0.0, False, ATTENTION_SCALE)
+
+    return attend
+
+
+def _name(path: str) -> str:
+    return "p_" + path.replace(".", "_")
+
+
+class Shim(nn.Module):
+    """`forward(tokens [1, T], input_pos [1]) -> logits [1, V]` of the last position, cache as buffers."""
+
+    def __init__(self, cfg: Config, params: Params, max_seq_len: int, max_chunk: int, custom_ops: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.custom_ops = custom_ops
+        self.tied = params.lm_head is None
+        for path, t in leaves_with_path(params):
+            self.register_buffer(_name(path), t)
+        dtype = torch.float32 if custom_ops else params.norm.dtype
+        cache = init_cache(cfg, batch=1, max_seq_len=max_seq_len, dtype=dtype, max_chunk=max_chunk)
+        for i, (k, v) in enumerate(zip(cache.k, cache.v, strict=True)):
+            self.register_buffer(f"k_{i}", k)
+            self.register_buffer(f"v_{i}", v)
+        self.register_buffer("ring_end", cache.ring_end)
+        self.register_buffer("full_end", cache.full_end)
+        if custom_ops:
+            _load_custom_ops()
+
+    def params(self) -> Params:
+        """The parameter tree, rebuilt from the buffers."""
+        p = build(self.cfg, lambda path, _: getattr(self, _name(path)))
+        return p if self.tied else attrs.evolve(p, lm_head=self.p_lm_head)
+
+    def cache(self) -> Cache:
+        """The cache, as views of the buffers."""
+        n = self.cfg.first_shared
+        return Cache(
+            k=tuple(getattr(self, f"k_{i}") for i in range(n)),
+            v=tuple(getattr(self, f"v_{i}") for i in range(n)),
+            ring_end=self.ring_end,
+            full_end=self.full_end,
+        )
+
+    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        """Runs T tokens starting at position `input_pos[0]`; updates the cache buffers in place."""
+        T = tokens.shape[1]
+        start = input_pos[0].item()  # a SymInt under torch.export, bounded for the custom ops
+        torch._check_is_size(start)
+        torch._check(start + T <= self.full_end.shape[0])
+        torch._check(T <= self.ring_end.shape[0])
+        positions = torch.arange(start, start + T, dtype=torch.int64)
+        if self.custom_ops:
+            hooks = {"attend": et_attend(start), "write": et_write}
+        else:  # eager attention (any dtype), plain in-place writes
+            hooks = {"write": inplace_write}
+        logits, _ = forward(self.params(), self.cfg, tokens, positions, self.cache(), last_only=True, **hooks)
+        return logits[:, -1]
