@@ -17,6 +17,8 @@ from typing import Any
 
 import attrs
 import torch
+from executorch.exir.dialects._ops import ops as exir_ops
+from executorch.exir.pass_base import ExportPass, PassResult
 
 from g4.config import Config
 from g4.export.quant import EMBEDDING_BITS, EMBEDDING_TABLES, LINEAR_MODES, linear_ok, quantize_embedding, \
@@ -106,12 +108,61 @@ def metadata(cfg: Config, opts: ExportOptions) -> dict[str, Any]:
     }
 
 
+def _pow(x: torch.Tensor, exponent: float) -> torch.Tensor:
+    """RMSNorm's x**2 and (.)**-0.5 as mul and rsqrt, which XNNPACK lowers (it takes pow only for 2)."""
+    if exponent == 2:
+        return x * x
+    if exponent == -0.5:
+        return torch.rsqrt(x)
+    raise NotImplementedError(f"pow with exponent {exponent} in the export graph")
+
+
+def _mean(x: torch.Tensor, dim: list[int] | None, keepdim: bool = False, *, dtype: Any = None) -> torch.Tensor:
+    """RMSNorm's mean over the last dim as an average pool over a 4-D `[N, 1, 1, C]` view (XNNPACK takes
+    mean.dim only over the two innermost dims of a 4-D tensor)."""
+    if dim is None or [d % x.dim() for d in dim] != [x.dim() - 1] or dtype is not None:
+        raise NotImplementedError(f"mean over {dim} in the export graph")
+    C = x.shape[-1]
+    out = torch.nn.functional.avg_pool2d(x.reshape(-1, 1, 1, C), kernel_size=(1, C)).reshape(*x.shape[:-1], 1)
+    return out if keepdim else out.squeeze(-1)
+
+
+# Export-only rewrites of the traced graph (the eager forward keeps HF's exact ops).
+DECOMPOSITIONS = {
+    torch.ops.aten.gelu.default: lambda x, approximate="none": _gelu_tanh(x, approximate),
+    torch.ops.aten.pow.Tensor_Scalar: _pow,
+    torch.ops.aten.mean.dim: _mean,
+}
+
+
 def _gelu_tanh(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """tanh-GELU as tanh arithmetic: XNNPACK (executorch 1.5.1) lowers `gelu` as exact erf-GELU."""
     if approximate != "tanh":
         return x * 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
     inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)  # sqrt(2/pi)
     return 0.5 * x * (1.0 + torch.tanh(inner))
+
+
+class InferOneViewDim(ExportPass):
+    """view_copy with exactly one symbolic size (the prefill length) -> the same view with -1 there.
+
+    XNNPACK takes reshapes whose sizes are ints with at most one -1; torch.export records the
+    symbolic size instead, which would leave every such reshape outside the delegate.
+    """
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        changed = False
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target == exir_ops.edge.aten.view_copy.default:
+                size = list(n.args[1])
+                sym = [i for i, d in enumerate(size) if not isinstance(d, int)]
+                if len(sym) == 1 and -1 not in size:
+                    size[sym[0]] = -1
+                    n.args = (n.args[0], size, *n.args[2:])
+                    changed = True
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return PassResult(gm, changed)
 
 
 def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
@@ -130,13 +181,14 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     dyn = ({1: torch.export.Dim("T", min=1, max=opts.chunk)}, None)
     with torch.no_grad():
         ep = torch.export.export(shim, example, dynamic_shapes=dyn, strict=False)
-        ep = ep.run_decompositions({torch.ops.aten.gelu.default: _gelu_tanh})
+        ep = ep.run_decompositions(DECOMPOSITIONS)
     log(f"  export: {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     edge = to_edge_transform_and_lower(
         ep,
         partitioner=[XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()],
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        transform_passes=[InferOneViewDim()],
         constant_methods=metadata(shim.cfg, opts),
     )
     log(f"  lower: {time.perf_counter() - t0:.1f} s")
@@ -144,6 +196,7 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     prog = edge.to_executorch(
         ExecutorchBackendConfig(
             extract_delegate_segments=True,
+            do_quant_fusion_and_const_prop=True,  # dequantize+embedding -> quantized embedding kernels
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         )

@@ -129,8 +129,8 @@ def forward(
         R = cache.ring_end.shape[0]  # ring slots (>= sliding_window); slot = position % R
         # Only the last R new tokens can stay in the ring. Under torch.export T <= R is known from
         # the chunk bound, so no slicing (and no shape guard) enters the graph.
-        keep = slice(None) if T <= R else slice(T - R, None)
-        ring_slots = positions[keep] % R
+        keep = slice(T - R, None) if T > R else None
+        ring_slots = (positions if keep is None else positions[keep]) % R
         full_end = write(cache.full_end, positions, positions + 1)
         k_pos = {SLIDING: torch.cat([cache.ring_end - 1, positions]), FULL: full_end - 1}
         new_k, new_v = list(cache.k), list(cache.v)
@@ -145,8 +145,8 @@ def forward(
             k, v = project_kv(p.self_attn, spec, x, cos, sin, cfg.rms_norm_eps)
             if cache is not None and spec.is_sliding:  # attend over ring + new, then keep the last W
                 kv[i] = torch.cat([cache.k[i], k], 1), torch.cat([cache.v[i], v], 1)
-                new_k[i] = write(cache.k[i], ring_slots, k[:, keep])
-                new_v[i] = write(cache.v[i], ring_slots, v[:, keep])
+                new_k[i] = write(cache.k[i], ring_slots, k if keep is None else k[:, keep])
+                new_v[i] = write(cache.v[i], ring_slots, v if keep is None else v[:, keep])
             elif cache is not None:  # full: write into the slot of each position, attend over all slots
                 kv[i] = new_k[i], new_v[i] = write(cache.k[i], positions, k), write(cache.v[i], positions, v)
             else:
@@ -156,7 +156,7 @@ def forward(
 
     if cache is not None:
         new_cache = Cache(
-            tuple(new_k), tuple(new_v), write(cache.ring_end, ring_slots, positions[keep] + 1), full_end
+            tuple(new_k), tuple(new_v), write(cache.ring_end, ring_slots, (positions if keep is None else positions[keep]) + 1), full_end
         )
     if last_only:
         h = h[:, -1:]

@@ -21,15 +21,26 @@ def inv_freq(head_dim: int, theta: float, partial_rotary_factor: float = 1.0) ->
 
 
 def rope_table(positions: Tensor, freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin `[T, d]` for absolute `positions [T]`, computed in fp32 then cast to `dtype` (as HF)."""
-    angles = positions.float()[:, None] * freqs[None, :]  # [T, d/2]
-    emb = torch.cat([angles, angles], dim=-1)  # [T, d]
+    """cos, sin `[T, 1, d]` (broadcast over heads) for `positions [T]`: fp32, then cast to `dtype` (as HF)."""
+    angles = positions.float()[:, None, None] * freqs  # [T, 1, d/2]
+    emb = torch.cat([angles, angles], dim=-1)  # [T, 1, d]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def _rotate_half_matrix(dtype: torch.dtype) -> Tensor:
+    """[[0, -1], [1, 0]], built from ops rather than a tensor constant (ExecuTorch 1.5.1 mishandles
+    lifted tensor constants inside XNNPACK partitions)."""
+    z, o = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
+    return torch.stack([torch.stack([z, -o]), torch.stack([o, z])])
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE on `x [B, T, heads, d]`, in x's dtype (HF rotates in the activation dtype)."""
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, d], broadcast over heads
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    """Rotate-half RoPE on `x [B, T, heads, d]`, in x's dtype (HF rotates in the activation dtype).
+
+    rotate_half, (x1, x2) -> (-x2, x1) on the two halves, is a 2x2 matmul over the pair axis rather
+    than slicing: XNNPACK cannot slice tensors of dynamic length (the prefill length). The matrix
+    entries are 0 and +-1, so the result is exactly HF's cat(-x2, x1).
+    """
+    pairs = x.unflatten(-1, (2, -1)).transpose(-1, -2)  # [B, T, h, d/2, 2]: (x1[t], x2[t])
+    rotated = torch.nn.functional.linear(pairs, _rotate_half_matrix(x.dtype)).transpose(-1, -2).flatten(-2)
     return x * cos + rotated * sin
