@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import Tensor
+from tqdm import tqdm
 
 from g4.config import CONFIGS, Config, ConfigError
 from g4.params import Params, build, init_value, leaves_with_path, param_shapes
@@ -124,12 +125,18 @@ class _Reader:
             raise CheckpointError(f"{self.where[key]}: tensor {key!r} cannot be read ({e})") from None
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[Config, Params]:
+def load_checkpoint(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    transform: Callable[[str, Tensor], Tensor] | None = None,
+    progress: bool = False,
+) -> tuple[Config, Params]:
     """Loads a Hugging Face Gemma 4 checkpoint folder (multimodal or text-only layout) as `(cfg, params)`.
 
     Every name and shape is checked from the safetensors headers before any weight is read; then the
     tensors are read through the memory map one at a time and converted to `dtype`, so peak memory is
-    the size of the result plus one tensor.
+    the size of the result plus one tensor. `transform(path, tensor)` (e.g. a quantizer) is applied to
+    each tensor as it is read, so an fp32 copy of the whole model never exists.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -160,7 +167,15 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     if "lm_head.weight" in r.where and r.shape("lm_head.weight") != shapes[prefix + "embed_tokens.weight"]:
         raise CheckpointError(f"{r.where['lm_head.weight']}: lm_head.weight shape differs from the embedding")
 
-    params = build(cfg, lambda p, _: r.get(prefix + hf_name(p), dtype))
+    bar = tqdm(total=len(shapes), desc="load", unit="tensor", disable=not progress, file=sys.stderr)
+
+    def get(p: str, _: tuple[int, ...]) -> Tensor:
+        t = r.get(prefix + hf_name(p), dtype)
+        bar.update()
+        return transform(p, t) if transform else t
+
+    params = build(cfg, get)
+    bar.close()
     if "lm_head.weight" in r.where:  # tied: check it rather than keep a second copy of V x H
         _check_tied(r, params.embed_tokens)
     return cfg, params

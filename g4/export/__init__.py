@@ -21,8 +21,14 @@ from executorch.exir.dialects._ops import ops as exir_ops
 from executorch.exir.pass_base import ExportPass, PassResult
 
 from g4.config import Config
-from g4.export.quant import EMBEDDING_BITS, EMBEDDING_TABLES, LINEAR_MODES, linear_ok, quantize_embedding, \
-    quantize_linear
+from g4.export.quant import (
+    EMBEDDING_BITS,
+    EMBEDDING_TABLES,
+    LINEAR_MODES,
+    linear_ok,
+    quantize_embedding,
+    quantize_linear,
+)
 from g4.export.shim import Shim
 from g4.params import Params, tree_map_with_path
 
@@ -62,34 +68,48 @@ class ExportOptions:
         return torch.float32 if self.dtype == "fp32" else torch.bfloat16
 
 
-def quantize_params(params: Params, opts: ExportOptions, log: Callable[[str], None] = lambda _: None) -> Params:
-    """The tree with linear weights and embedding tables quantized per `opts`; LM head untied if needed."""
-    dt = opts.torch_dtype
-    skipped: list[str] = []
+class Quantizer:
+    """Quantizes weights one at a time as they are loaded or generated (`__call__(path, w)`).
 
-    def q(path: str, w: torch.Tensor) -> torch.Tensor:
-        w = w.to(dt)
+    The tied embedding is split: the lookup table gets the embedding scheme, and the LM head (which
+    reads the whole table every token) a copy with the linear scheme, kept in `lm_head`.
+    """
+
+    def __init__(self, opts: ExportOptions):
+        self.opts = opts
+        self.lm_head: torch.Tensor | None = None
+        self.skipped: list[str] = []
+
+    def __call__(self, path: str, w: torch.Tensor) -> torch.Tensor:
+        """The weight at tree `path`, cast to the export dtype and quantized per the options."""
+        o = self.opts
+        w = w.to(o.torch_dtype)
         name = path.rsplit(".", 1)[-1]
+        if name == "embed_tokens" and (o.quantize != "none" or o.embedding_quantize):
+            self.lm_head = self.linear(path, w)
         if w.dim() != 2:
             return w
         if name in EMBEDDING_TABLES:
-            return quantize_embedding(w, opts.embedding_quantize, opts.group_size)
-        if linear_ok(tuple(w.shape), opts.quantize, opts.group_size):
-            return quantize_linear(w, opts.quantize, opts.group_size)
-        if opts.quantize != "none":
-            skipped.append(path)
+            return quantize_embedding(w, o.embedding_quantize, o.group_size)
+        return self.linear(path, w)
+
+    def linear(self, path: str, w: torch.Tensor) -> torch.Tensor:
+        """The linear scheme, or `w` unchanged where the shape does not allow it."""
+        if linear_ok(tuple(w.shape), self.opts.quantize, self.opts.group_size):
+            return quantize_linear(w, self.opts.quantize, self.opts.group_size)
+        if self.opts.quantize != "none":
+            self.skipped.append(path)
         return w
 
-    out = tree_map_with_path(q, attrs.evolve(params, lm_head=None))
-    if opts.quantize != "none" or opts.embedding_quantize:
-        # The LM head reads the whole table every token: it gets the linear scheme (or stays
-        # unquantized), while the lookup table gets the embedding scheme.
-        head = params.embed_tokens.to(dt)
-        out = attrs.evolve(out, lm_head=quantize_linear(head, opts.quantize, opts.group_size)
-                           if linear_ok(tuple(head.shape), opts.quantize, opts.group_size) else head)
-    if skipped:
-        log(f"  left in {opts.dtype} (input width not a multiple of group size {opts.group_size}): {len(skipped)}")
-    return out
+    def finish(self, params: Params) -> Params:
+        """The tree with the untied, quantized LM head (if any)."""
+        return attrs.evolve(params, lm_head=self.lm_head)
+
+
+def quantize_params(params: Params, opts: ExportOptions) -> Params:
+    """The tree with linear weights and embedding tables quantized per `opts`."""
+    q = Quantizer(opts)
+    return q.finish(tree_map_with_path(q, attrs.evolve(params, lm_head=None)))
 
 
 def metadata(cfg: Config, opts: ExportOptions) -> dict[str, Any]:
@@ -151,6 +171,7 @@ class InferOneViewDim(ExportPass):
     """
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        """Rewrites the view sizes in place."""
         changed = False
         for n in gm.graph.nodes:
             if n.op == "call_function" and n.target == exir_ops.edge.aten.view_copy.default:
@@ -217,18 +238,27 @@ def write_atomic(prog: Any, out: Path) -> None:
         raise
 
 
-def export_pte(cfg: Config, params: Params, out: str | os.PathLike, opts: ExportOptions = ExportOptions(),
-               log: Callable[[str], None] | None = None) -> Path:
-    """Exports `params` to `out` (.pte); returns the path."""
+def export_pte(
+    cfg: Config,
+    params: Params,
+    out: str | os.PathLike,
+    opts: ExportOptions = ExportOptions(),
+    log: Callable[[str], None] | None = None,
+    quantized: bool = False,
+) -> Path:
+    """Exports `params` (already quantized per `opts` if `quantized`) to `out` (.pte); returns the path."""
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
-    t0 = time.perf_counter()
-    qp = quantize_params(params, opts, say)
-    say(f"  quantize ({opts.quantize}, embeddings {opts.embedding_quantize or 'none'}): "
-        f"{time.perf_counter() - t0:.1f} s")
-    shim = Shim(cfg, qp, opts.max_seq_len, opts.chunk, custom_ops=opts.dtype == "fp32")
+    if not quantized:
+        t0 = time.perf_counter()
+        params = quantize_params(params, opts)
+        say(
+            f"  quantize ({opts.quantize}, embeddings {opts.embedding_quantize or 'none'}): "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+    shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=opts.dtype == "fp32")
     prog = lower(shim, opts, say)
     t0 = time.perf_counter()
     write_atomic(prog, out)

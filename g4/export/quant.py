@@ -14,6 +14,7 @@ from torch import Tensor, nn
 LINEAR_MODES = ("none", "8da8w", "8da4w")
 EMBEDDING_BITS = (0, 8, 4)
 EMBEDDING_TABLES = ("embed_tokens", "embed_tokens_per_layer")
+INT = {8: torch.int8, 4: getattr(torch, "int4")}  # noqa: B009 (torch.int4 is missing from the stubs)
 
 
 def quantize_linear(w: Tensor, mode: str, group_size: int) -> Tensor:
@@ -24,9 +25,7 @@ def quantize_linear(w: Tensor, mode: str, group_size: int) -> Tensor:
     if mode == "none":
         return w
     gran = PerAxis(0) if mode == "8da8w" else PerGroup(group_size)
-    cfg = Int8DynamicActivationIntxWeightConfig(
-        weight_dtype=torch.int8 if mode == "8da8w" else torch.int4, weight_granularity=gran
-    )
+    cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=INT[8 if mode == "8da8w" else 4], weight_granularity=gran)
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     lin.weight = nn.Parameter(w, requires_grad=False)
     quantize_(lin, cfg)
@@ -43,8 +42,11 @@ def quantize_embedding(w: Tensor, bits: int, group_size: int) -> Tensor:
     gran = PerAxis(0) if bits == 8 else PerGroup(group_size)
     emb = nn.Embedding(w.shape[0], w.shape[1], device="meta")
     emb.weight = nn.Parameter(w, requires_grad=False)
-    quantize_(emb, IntxWeightOnlyConfig(weight_dtype=torch.int8 if bits == 8 else torch.int4, granularity=gran),
-              filter_fn=lambda m, _: isinstance(m, nn.Embedding))
+    quantize_(
+        emb,
+        IntxWeightOnlyConfig(weight_dtype=INT[bits], granularity=gran),
+        filter_fn=lambda m, _: isinstance(m, nn.Embedding),
+    )
     return emb.weight
 
 

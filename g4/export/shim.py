@@ -11,12 +11,14 @@ tree in `forward(tokens, input_pos)` and calls `g4.forward` with two swapped-in 
 
 from __future__ import annotations
 
+from typing import cast
+
 import attrs
 import torch
 from torch import Tensor, nn
 
 from g4.config import Config, LayerSpec
-from g4.fn.attention import ATTENTION_SCALE, Cache, init_cache
+from g4.fn.attention import ATTENTION_SCALE, Cache, init_cache, sdpa
 from g4.fn.model import Attend, forward
 from g4.params import Params, build, leaves_with_path
 
@@ -72,36 +74,41 @@ class Shim(nn.Module):
             self.register_buffer(f"k_{i}", k)
             self.register_buffer(f"v_{i}", v)
         self.register_buffer("ring_end", cache.ring_end)
+        self.max_seq_len, self.ring_slots = max_seq_len, cache.ring_end.shape[0]
         self.register_buffer("full_end", cache.full_end)
         if custom_ops:
             _load_custom_ops()
 
     def params(self) -> Params:
         """The parameter tree, rebuilt from the buffers."""
-        p = build(self.cfg, lambda path, _: getattr(self, _name(path)))
-        return p if self.tied else attrs.evolve(p, lm_head=self.p_lm_head)
+        p = build(self.cfg, lambda path, _: self._buf(_name(path)))
+        return p if self.tied else attrs.evolve(p, lm_head=self._buf("p_lm_head"))
+
+    def _buf(self, name: str) -> Tensor:
+        t = getattr(self, name)
+        assert isinstance(t, Tensor)
+        return t
 
     def cache(self) -> Cache:
         """The cache, as views of the buffers."""
         n = self.cfg.first_shared
         return Cache(
-            k=tuple(getattr(self, f"k_{i}") for i in range(n)),
-            v=tuple(getattr(self, f"v_{i}") for i in range(n)),
-            ring_end=self.ring_end,
-            full_end=self.full_end,
+            k=tuple(self._buf(f"k_{i}") for i in range(n)),
+            v=tuple(self._buf(f"v_{i}") for i in range(n)),
+            ring_end=self._buf("ring_end"),
+            full_end=self._buf("full_end"),
         )
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """Runs T tokens starting at position `input_pos[0]`; updates the cache buffers in place."""
         T = tokens.shape[1]
-        start = input_pos[0].item()  # a SymInt under torch.export, bounded for the custom ops
+        start = cast(int, input_pos[0].item())  # a SymInt under torch.export, bounded for the custom ops
         torch._check_is_size(start)
-        torch._check(start + T <= self.full_end.shape[0])
-        torch._check(T <= self.ring_end.shape[0])
+        torch._check(start + T <= self.max_seq_len)
+        torch._check(T <= self.ring_slots)
         positions = torch.arange(start, start + T, dtype=torch.int64)
-        if self.custom_ops:
-            hooks = {"attend": et_attend(start), "write": et_write}
-        else:  # eager attention (any dtype), plain in-place writes
-            hooks = {"write": inplace_write}
-        logits, _ = forward(self.params(), self.cfg, tokens, positions, self.cache(), last_only=True, **hooks)
+        attend, write = (et_attend(start), et_write) if self.custom_ops else (sdpa, inplace_write)
+        logits, _ = forward(
+            self.params(), self.cfg, tokens, positions, self.cache(), attend=attend, write=write, last_only=True
+        )
         return logits[:, -1]

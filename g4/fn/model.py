@@ -156,7 +156,10 @@ def forward(
 
     if cache is not None:
         new_cache = Cache(
-            tuple(new_k), tuple(new_v), write(cache.ring_end, ring_slots, (positions if keep is None else positions[keep]) + 1), full_end
+            tuple(new_k),
+            tuple(new_v),
+            write(cache.ring_end, ring_slots, (positions if keep is None else positions[keep]) + 1),
+            full_end,
         )
     if last_only:
         h = h[:, -1:]
