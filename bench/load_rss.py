@@ -50,16 +50,24 @@ def main() -> None:
     cfg = reduced(a.size, a.layers)
     if not (Path(a.dir) / "config.json").exists():
         g4.write_random_checkpoint(cfg, a.dir, progress=True)
-    base = subprocess.run([sys.executable, "-c", "import g4, resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
-                          capture_output=True, text=True, check=True)
+    base = subprocess.run(
+        [sys.executable, "-c", "import g4, resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     print(f"{a.size} with {a.layers} layers; `import g4` alone peaks at {int(base.stdout) / 2**30:.2f} GiB\n")
     print("| load as | parameters | peak RSS | peak RSS - params | time |\n|---|---|---|---|---|")
     for dtype in ("bfloat16", "float32"):
-        r = subprocess.run([sys.executable, __file__, "--child", a.dir, dtype], capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--child", a.dir, dtype], capture_output=True, text=True, check=True
+        )
         m = json.loads(r.stdout.strip().splitlines()[-1])
         gib = 2**30
-        print(f"| {dtype} | {m['param_bytes'] / gib:.2f} GiB | {m['peak_rss'] / gib:.2f} GiB | "
-              f"{(m['peak_rss'] - m['param_bytes']) / gib:.2f} GiB | {m['seconds']:.1f} s |")
+        print(
+            f"| {dtype} | {m['param_bytes'] / gib:.2f} GiB | {m['peak_rss'] / gib:.2f} GiB | "
+            f"{(m['peak_rss'] - m['param_bytes']) / gib:.2f} GiB | {m['seconds']:.1f} s |"
+        )
 
 
 if __name__ == "__main__":

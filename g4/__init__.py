@@ -3,6 +3,7 @@
 from g4.checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
 from g4.config import CONFIGS, Config, ConfigError, LayerSpec
 from g4.fn import Cache, forward, init_cache
+from g4.generation import EagerModel, PteModel, Sampler, generate
 from g4.params import Params, init_params, tree_map
 
 __all__ = [
@@ -11,9 +12,13 @@ __all__ = [
     "CheckpointError",
     "Config",
     "ConfigError",
+    "EagerModel",
     "LayerSpec",
     "Params",
+    "PteModel",
+    "Sampler",
     "forward",
+    "generate",
     "init_cache",
     "init_params",
     "load_checkpoint",

@@ -4,7 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
+import g4
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py, tests/tiny_tokenizer.py
+
+from tiny_tokenizer import build as build_tokenizer  # noqa: E402
+
+from g4.export.__main__ import main as export_main  # noqa: E402
 
 torch.manual_seed(0)
 
@@ -13,3 +19,41 @@ torch.manual_seed(0)
 def _deterministic():
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
+
+
+CTX, CHUNK = 96, 20  # tiny exports: ring of 20 slots > window 16, so it wraps within 60 positions
+
+
+@pytest.fixture(scope="session")
+def pte_fp32(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp32") / "tiny.pte"
+    assert export_main(["tiny", str(out), "--max-seq-len", str(CTX), "--max-chunk", str(CHUNK)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def pte_8da4w(tmp_path_factory):
+    ck = tmp_path_factory.mktemp("ck")
+    g4.write_random_checkpoint(g4.CONFIGS["tiny"], ck, seed=0, dtype=torch.float32)
+    build_tokenizer().save(str(ck / "tokenizer.json"))
+    out = tmp_path_factory.mktemp("q") / "tiny-8da4w.pte"
+    assert (
+        export_main(
+            [
+                "tiny",
+                str(out),
+                "--checkpoint",
+                str(ck),
+                "--max-seq-len",
+                str(CTX),
+                "--max-chunk",
+                str(CHUNK),
+                "--quantize",
+                "8da4w",
+                "--embedding-quantize",
+                "8",
+            ]
+        )
+        == 0
+    )
+    return out, ck

@@ -2,59 +2,22 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
+from conftest import CHUNK, CTX
 from tiny_tokenizer import build as build_tokenizer
 
 import g4
 from g4.export import ExportOptions, quantize_params
-from g4.export.__main__ import main
 
 CFG = g4.CONFIGS["tiny"]
-CTX, CHUNK = 96, 20  # ring of 20 slots > window 16: it wraps within the test's 60 positions
 
 
-def load_method(path):
+def load_method(path):  # noqa: D103
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama:: ops)
     from executorch.kernels import quantized  # noqa: F401  (quantized embedding kernels)
     from executorch.runtime import Runtime
 
     return Runtime.get().load_program(str(path)).load_method("forward")
-
-
-@pytest.fixture(scope="session")
-def pte_fp32(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp32") / "tiny.pte"
-    assert main(["tiny", str(out), "--max-seq-len", str(CTX), "--max-chunk", str(CHUNK)]) == 0
-    return out
-
-
-@pytest.fixture(scope="session")
-def pte_8da4w(tmp_path_factory):
-    ck = tmp_path_factory.mktemp("ck")
-    g4.write_random_checkpoint(CFG, ck, seed=0, dtype=torch.float32)
-    build_tokenizer().save(str(ck / "tokenizer.json"))
-    out = tmp_path_factory.mktemp("q") / "tiny-8da4w.pte"
-    assert (
-        main(
-            [
-                "tiny",
-                str(out),
-                "--checkpoint",
-                str(ck),
-                "--max-seq-len",
-                str(CTX),
-                "--max-chunk",
-                str(CHUNK),
-                "--quantize",
-                "8da4w",
-                "--embedding-quantize",
-                "8",
-            ]
-        )
-        == 0
-    )
-    return out, ck
 
 
 def run_pte(method, tokens, n_prefill):

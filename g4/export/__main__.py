@@ -16,6 +16,7 @@ from g4.config import CONFIGS, Config
 from g4.export import ExportOptions, Quantizer, export_pte
 from g4.params import build, init_value
 
+TINY_TOKENIZER = Path(__file__).parent.parent / "assets" / "tiny_tokenizer.json"
 HUB_REPOS = {"e2b": "gemma-4-E2B", "e4b": "gemma-4-E4B"}
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -136,10 +137,12 @@ def run(a: argparse.Namespace) -> int:
     if q.skipped:
         say(f"  left unquantized (input width not a multiple of --group-size {opts.group_size}): {len(q.skipped)}")
     export_pte(cfg, params, out, opts, log=say, quantized=True)
-    if ckpt is not None:
+    if ckpt is not None:  # the tokenizer travels with the .pte, so `python -m g4.run OUT.pte` finds it
         for name in TOKENIZER_FILES:
             if (ckpt / name).exists():
                 shutil.copyfile(ckpt / name, out.parent / name)
+    elif a.size == "tiny":
+        shutil.copyfile(TINY_TOKENIZER, out.parent / "tokenizer.json")
     size = out.stat().st_size
     print(
         f"wrote {out}: {size / 2**20:.1f} MiB in {time.perf_counter() - t_start:.0f} s | {a.size} from {source} | "

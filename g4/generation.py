@@ -1,0 +1,177 @@
+"""Token generation over a .pte or over the pure forward, with the same loop and sampler."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import attrs
+import torch
+from torch import Tensor
+
+from g4.config import Config
+from g4.fn import forward, init_cache
+from g4.params import Params
+
+
+class GenerateError(ValueError):
+    """Bad input to generation (missing file, wrong program, too long a prompt): one clear line."""
+
+
+class PteModel:
+    """A .pte that follows ExecuTorch's LLM-runner conventions: `forward(tokens [1, T], input_pos [1])`."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise GenerateError(f"{path}: no such file")
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama:: ops)
+        from executorch.kernels import quantized  # noqa: F401  (quantized embedding kernels)
+        from executorch.runtime import Runtime
+
+        try:
+            prog = Runtime.get().load_program(str(path))
+        except Exception as e:
+            raise GenerateError(f"{path}: not an ExecuTorch program ({e})") from None
+        need = {"forward", "get_vocab_size", "get_max_context_len", "get_eos_ids"}
+        if missing := need - set(prog.method_names):
+            raise GenerateError(f"{path}: not an LLM-runner program (no {', '.join(sorted(missing))} method)")
+
+        def const(name: str, default: int | None = None) -> list[int]:
+            if name not in prog.method_names:
+                return [default] if default is not None else []
+            return [int(x) for x in prog.load_method(name).execute([])]
+
+        self.path = path
+        self.vocab_size = const("get_vocab_size")[0]
+        self.max_context = const("get_max_context_len")[0]
+        self.max_chunk = const("get_max_seq_len", self.max_context)[0]
+        self.bos_id = const("get_bos_id", 2)[0]
+        self.eos_ids = tuple(const("get_eos_ids"))
+        self.method = prog.load_method("forward")
+
+    def step(self, tokens: Sequence[int], start: int) -> Tensor:
+        """Logits `[V]` after feeding `tokens` at positions `start...` (in chunks the .pte accepts)."""
+        logits = None
+        for i in range(0, len(tokens), self.max_chunk):
+            chunk = torch.tensor([list(tokens[i : i + self.max_chunk])], dtype=torch.int64)
+            logits = self.method.execute([chunk, torch.tensor([start + i], dtype=torch.int64)])[0]
+        assert logits is not None
+        return logits.reshape(-1, logits.shape[-1])[-1]
+
+
+class EagerModel:
+    """`g4.forward` with a cache, behind the same `step` interface as `PteModel`."""
+
+    def __init__(self, cfg: Config, params: Params, max_context: int = 1024):
+        self.cfg, self.params, self.max_context = cfg, params, max_context
+        self.vocab_size, self.bos_id, self.eos_ids = cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id
+        self.cache = init_cache(cfg, max_seq_len=max_context, dtype=params.norm.dtype)
+
+    def step(self, tokens: Sequence[int], start: int) -> Tensor:
+        """Logits `[V]` (fp32) after feeding `tokens` at positions `start...`."""
+        if start == 0:
+            self.cache = init_cache(self.cfg, max_seq_len=self.max_context, dtype=self.params.norm.dtype)
+        t = torch.tensor([list(tokens)], dtype=torch.int64)
+        with torch.no_grad():
+            logits, cache = forward(
+                self.params, self.cfg, t, torch.arange(start, start + len(tokens)), self.cache, last_only=True
+            )
+        assert cache is not None
+        self.cache = cache
+        return logits[0, -1].float()
+
+
+Model = PteModel | EagerModel
+
+
+@attrs.frozen
+class Sampler:
+    """Greedy at temperature 0; otherwise temperature, then top-k, then top-p (nucleus), seeded."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def make(self) -> Callable[[Tensor], int]:
+        """A sampling function with its own generator (same seed, same tokens)."""
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def sample(logits: Tensor) -> int:
+            if self.temperature <= 0:
+                return int(logits.argmax())
+            x = logits.float() / self.temperature
+            if self.top_k > 0:
+                kth = torch.topk(x, min(self.top_k, x.numel())).values[-1]
+                x = x.masked_fill(x < kth, float("-inf"))
+            if self.top_p < 1.0:
+                p, idx = torch.sort(torch.softmax(x, -1), descending=True)
+                drop = torch.cumsum(p, -1) - p > self.top_p  # keep the smallest prefix reaching top_p
+                x[idx[drop]] = float("-inf")
+            return int(torch.multinomial(torch.softmax(x, -1), 1, generator=gen))
+
+        return sample
+
+
+@attrs.frozen
+class Generation:
+    """Generated ids, per-step logits (optional) and timings."""
+
+    ids: tuple[int, ...]
+    logits: tuple[Tensor, ...]
+    prompt_tokens: int
+    ttft_s: float
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def stats(self) -> str:
+        """One line: TTFT, prefill and decode tokens/s, tokens generated, peak RSS."""
+        n = len(self.ids)
+        dec = (n - 1) / self.decode_s if n > 1 and self.decode_s > 0 else float("nan")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return (
+            f"ttft {self.ttft_s * 1000:.0f} ms | prefill {self.prompt_tokens / self.prefill_s:.1f} tok/s | "
+            f"decode {dec:.1f} tok/s | {n} tokens | peak RSS {rss:.0f} MiB"
+        )
+
+
+def generate(
+    model: Model,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    sampler: Sampler = Sampler(),
+    stop: Sequence[int] | None = None,
+    on_token: Callable[[int], None] | None = None,
+    keep_logits: bool = False,
+) -> Generation:
+    """Prefill `prompt`, then sample up to `max_new_tokens`, stopping after a token in `stop`."""
+    if not prompt:
+        raise GenerateError("prompt is empty")
+    if len(prompt) >= model.max_context:
+        raise GenerateError(f"prompt is {len(prompt)} tokens; the model's context is {model.max_context} tokens")
+    if max(prompt) >= model.vocab_size or min(prompt) < 0:
+        raise GenerateError(f"prompt token ids must be in [0, {model.vocab_size})")
+    stop = tuple(model.eos_ids if stop is None else stop)
+    sample = sampler.make()
+    t0 = time.perf_counter()
+    logits = model.step(prompt, 0)
+    ids: list[int] = []
+    kept: list[Tensor] = []
+    t_first = time.perf_counter()
+    pos = len(prompt)
+    while len(ids) < max_new_tokens:
+        if keep_logits:
+            kept.append(logits)
+        ids.append(sample(logits))
+        if on_token:
+            on_token(ids[-1])
+        if ids[-1] in stop or pos >= model.max_context or len(ids) == max_new_tokens:
+            break
+        logits = model.step([ids[-1]], pos)
+        pos += 1
+    t_end = time.perf_counter()
+    return Generation(tuple(ids), tuple(kept), len(prompt), t_first - t0, t_first - t0, t_end - t_first)
