@@ -1,0 +1,208 @@
+"""Golden snapshots (golden/test_golden/*.txt) of every function in g4/fn, the tiny model and its .pte."""
+
+import attrs
+import pytest
+import torch
+from conftest import CTX
+
+import g4
+from g4.config import FULL, SLIDING
+from g4.fn import apply_rope, embed, inv_freq, mask, per_layer_inputs, rms_norm, rope_table
+from g4.fn.model import finish_layer, project_kv, project_q
+from g4.params import param_shapes
+from golden import Approx, GoldenExtension, differences, render
+
+CFG = g4.CONFIGS["tiny"]
+
+
+@pytest.fixture
+def golden(snapshot):
+    return snapshot.use_extension(GoldenExtension)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # goldens are produced with a fixed thread count
+    yield
+    torch.set_num_threads(n)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return g4.init_params(CFG, seed=0)
+
+
+def test_rms_norm(golden):
+    x = rand(3, 16)
+    assert golden == {"scaled": Approx(rms_norm(x, 1 + 0.1 * rand(16, seed=1))), "unscaled": Approx(rms_norm(x))}
+
+
+def test_rope(golden):
+    pos = torch.tensor([0, 1, 7, 100, 4095])
+    default = inv_freq(32, 1e4)
+    proportional = inv_freq(64, 1e6, 0.25)
+    cos_d, sin_d = rope_table(pos, default, torch.float32)
+    cos_p, sin_p = rope_table(pos, proportional, torch.float32)
+    x = rand(1, 5, 2, 64, seed=2)
+    assert golden == {
+        "inv_freq_default": Approx(default),
+        "inv_freq_proportional": Approx(proportional),
+        "zero_frequencies_proportional": int((proportional == 0).sum()),
+        "cos_default": Approx(cos_d),
+        "sin_default": Approx(sin_d),
+        "cos_proportional": Approx(cos_p),
+        "sin_proportional": Approx(sin_p),
+        "applied_default": Approx(apply_rope(x[..., :32], cos_d, sin_d)),
+        "applied_proportional": Approx(apply_rope(x, cos_p, sin_p)),
+    }
+
+
+def test_masks(golden):
+    q = torch.arange(20, 23)
+    ring_keys = torch.cat([torch.tensor([16, 17, 18, 19, 12, 13, 14, 15]), q])  # wrapped ring of 8 slots + new
+    stale = torch.tensor([16, 17, 18, 19, 4, 5, 6, 15])  # slots holding positions outside the window
+    assert golden == {
+        "full_prefill": mask(torch.arange(6), torch.arange(6), None).int(),
+        "sliding_prefill_w3": mask(torch.arange(6), torch.arange(6), 3).int(),
+        "sliding_wrapped_ring_w8": mask(q, ring_keys, 8).int(),
+        "with_empty_slots": mask(q, torch.tensor([-1, 19, -1, 21, 22]), None).int(),
+        "stale_slots_w4": mask(q, stale, 4).int(),
+    }
+
+
+def test_per_layer_inputs(golden, params):
+    tokens = torch.tensor([[2, 17, 42, 511]])
+    h0 = embed(params.embed_tokens, tokens, CFG.hidden_size**0.5)
+    assert golden == {"h0": Approx(h0), "ple": Approx(per_layer_inputs(params, CFG, tokens, h0))}
+
+
+@pytest.mark.parametrize("layer", [0, 3, 5, 7], ids=["sliding", "full", "sliding-shared", "full-shared"])
+def test_decoder_layer(golden, params, layer):
+    spec, p = CFG.layers[layer], params.layers[layer]
+    T = 5
+    h = rand(1, T, CFG.hidden_size, seed=layer)
+    cos, sin = rope_table(
+        torch.arange(T), inv_freq(spec.head_dim, spec.rope_theta, spec.partial_rotary_factor), torch.float32
+    )
+    x = rms_norm(h, p.input_layernorm)
+    q = project_q(p.self_attn, spec, x, cos, sin, CFG.rms_norm_eps)
+    donor = params.layers[spec.kv_source]
+    k, v = project_kv(donor.self_attn, spec, x, cos, sin, CFG.rms_norm_eps)  # donor K/V from the same input
+    a = g4.fn.sdpa(q, k, v, mask(torch.arange(T), torch.arange(T), spec.window))
+    ple = rand(1, T, CFG.hidden_size_per_layer_input, seed=9)
+    out = finish_layer(p, CFG, h, a, ple)
+    assert golden == {
+        "type": spec.type,
+        "kv_source": spec.kv_source,
+        "q": Approx(q),
+        "k": Approx(k),
+        "v": Approx(v),
+        "attention": Approx(a),
+        "out": Approx(out),
+    }
+
+
+def test_tiny_model(golden, params):
+    tokens = torch.randint(0, CFG.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    cache = g4.init_cache(CFG, max_seq_len=64)
+    with torch.no_grad():
+        logits, cache = g4.forward(params, CFG, tokens, torch.arange(24), cache)
+        after_prefill = {f"cache_k{i}_prefill": Approx(k) for i, k in enumerate(cache.k)}
+        ids = []
+        nxt = logits[:, -1:].argmax(-1)
+        for t in range(24, 40):
+            ids.append(int(nxt))
+            out, cache = g4.forward(params, CFG, nxt, torch.tensor([t]), cache)
+            nxt = out[:, -1:].argmax(-1)
+    assert golden == {
+        "prefill_logits": Approx(logits),
+        "prefill_argmax": logits.argmax(-1),
+        "prefill_top5_last": torch.topk(logits[0, -1], 5).indices,
+        "greedy_16": ids,
+        **after_prefill,
+        **{f"cache_k{i}_decode": Approx(k) for i, k in enumerate(cache.k)},
+        "ring_end": cache.ring_end,
+    }
+
+
+@pytest.mark.parametrize("name", ["tiny", "e2b", "e4b"])
+def test_structure(golden, name):
+    cfg = g4.CONFIGS[name]
+    assert golden == {
+        "kv_source": list(cfg.kv_source),
+        "layer_types": [t[0] for t in cfg.layer_types],
+        "params": {p: list(s) for p, s in param_shapes(cfg).items()},
+    }
+
+
+def pte_logits(path, tokens):
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    from executorch.kernels import quantized  # noqa: F401
+    from executorch.runtime import Runtime
+
+    m = Runtime.get().load_program(str(path)).load_method("forward")
+    out = [m.execute([tokens[:, :20], torch.tensor([0])])[0]]
+    for t in range(20, tokens.shape[1]):
+        out.append(m.execute([tokens[:, t : t + 1], torch.tensor([t])])[0])
+    return torch.stack(out, 1)
+
+
+PTE_TOKENS = torch.randint(0, CFG.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+
+
+def test_tiny_pte_fp32(golden, pte_fp32):
+    logits = pte_logits(pte_fp32, PTE_TOKENS)
+    # XNNPACK's kernels differ from eager by ~1e-5 and may change with the runtime: looser.
+    assert golden == {"context": CTX, "logits": Approx(logits, rtol=1e-4, atol=1e-4), "argmax": logits.argmax(-1)}
+
+
+def test_tiny_pte_8da4w(golden, pte_8da4w):
+    logits = pte_logits(pte_8da4w[0], PTE_TOKENS)
+    # Dynamic int8 activation quantization rounds at kernel level: looser still.
+    assert golden == {"logits": Approx(logits, rtol=1e-3, atol=1e-3), "argmax": logits.argmax(-1)}
+
+
+# --- the extension itself -----------------------------------------------------------------------------
+
+
+def test_extension_reports_tensor_position_and_values():
+    t = rand(2, 6)
+    old = render({"x": Approx(t)})
+    moved = t.clone()
+    moved[1, 4] += 1e-3
+    diffs = list(differences(render({"x": Approx(moved)}), old))
+    assert diffs and any(d.startswith("x [row 1, col 4]: golden ") and "now" in d for d in diffs)
+    assert any("x [stats, " in d for d in diffs)
+
+
+def test_extension_tolerance_and_shape():
+    t = rand(3, 5)
+    old = render({"x": Approx(t), "ids": [1, 2, 3]})
+    assert not list(differences(render({"x": Approx(t * (1 + 2e-6)), "ids": [1, 2, 3]}), old))  # within rtol
+    assert list(differences(render({"x": Approx(t), "ids": [1, 2, 4]}), old))  # exact entries are exact
+    shape = list(differences(render({"x": Approx(t[:2]), "ids": [1, 2, 3]}), old))
+    assert any("missing now: ## x shape=[3, 5]" in d for d in shape)
+    assert list(differences(render({"x": Approx(t, rtol=1e-3)}), render({"x": Approx(t)})))  # tolerance is data
+
+
+def test_extension_matches_and_explains():
+    ext = GoldenExtension.__new__(GoldenExtension)  # matches/diff_lines need no test location
+    old = render({"x": Approx(torch.ones(2, 2))})
+    new = render({"x": Approx(torch.ones(2, 2) * 1.5)})
+    assert ext.matches(serialized_data=old, snapshot_data=old)
+    assert not ext.matches(serialized_data=new, snapshot_data=old)
+    assert any("golden 1.00000000e+00, now 1.50000000e+00" in line for line in ext.diff_lines(new, old))
+
+
+def test_kv_shared_layers_have_no_kv_weights(params):
+    # Structure check that goes with the goldens: None where a layer has no such weight.
+    for i, layer in enumerate(params.layers):
+        owns = CFG.layers[i].kv_source == i
+        assert (layer.self_attn.k_proj is not None) == owns
+    assert attrs.fields_dict(g4.Params)["lm_head"].default is None
+    assert {SLIDING, FULL} == set(CFG.layer_types)
