@@ -224,8 +224,12 @@ def write_random_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 4 << 30,
     progress: bool = False,
+    multimodal: bool = False,
 ) -> Path:
     """Writes a `Gemma4ForCausalLM`-format checkpoint (config.json, sharded safetensors, index) of random weights.
+
+    `multimodal=True` writes the hub's `Gemma4ForConditionalGeneration` layout instead (text weights
+    under `model.language_model.`, config under `text_config`, no vision/audio towers).
 
     Tensor by tensor, in row chunks of at most 64 MiB, so E4B (16 GB in bf16) is written in bounded
     memory. Values come from `g4.params.init_value` with one generator seeded by `seed`.
@@ -251,7 +255,7 @@ def write_random_checkpoint(
         if shards[-1] and size + n > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((TEXT_PREFIX + hf_name(p), shape, chunks(p, shape)))
+        shards[-1].append(((MM_PREFIX if multimodal else TEXT_PREFIX) + hf_name(p), shape, chunks(p, shape)))
         size += n
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for i, (name, tensors) in enumerate(zip(names, shards, strict=True)):
@@ -265,6 +269,9 @@ def write_random_checkpoint(
     }
     _atomic(out / INDEX, lambda f: f.write_text(json.dumps(index, indent=2)))
     hf = cfg.to_hf() | {"dtype": str(dtype).removeprefix("torch.")}
+    if multimodal:
+        hf = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": hf,
+              "vision_config": None, "audio_config": None, "tie_word_embeddings": True}
     _atomic(out / "config.json", lambda f: f.write_text(json.dumps(hf, indent=2)))
     return out
 

@@ -1,0 +1,116 @@
+"""Decode speed as a fraction of the memory-bandwidth limit of this machine.
+
+    python bench/bandwidth.py OUT.pte --size e2b [--layers N] [--hidden H] [--vocab V] --quantize 8da4w
+        --embedding-quantize 8 [--group-size 32] [--pos 128]
+
+1. Measures this machine's memory bandwidth: a STREAM-like copy of a 1 GiB buffer (bytes read +
+   bytes written per second, best of 5).
+2. Computes the bytes one decode step must read for the exported configuration: every linear weight
+   (with its scales), the LM head, one row of each embedding table, and the KV cache each layer reads
+   at position `--pos`.
+3. Runs the .pte for 32 decode steps at `--pos` and prints tok/s against the bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+from g4.params import param_shapes
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from pte_vs_et import bench_config  # noqa: E402
+
+import g4  # noqa: E402
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def bytes_per_token(cfg: g4.Config, quantize: str, emb_bits: int, group: int, pos: int, ring: int) -> dict:
+    """What one decode step reads, by part."""
+
+    def linear_bytes(n: int, rows: int) -> float:
+        if quantize == "8da4w":
+            return n * 0.5 + (n / group) * 4  # int4 + fp32 scale per group
+        if quantize == "8da8w":
+            return n + rows * 4
+        return n * 4
+
+    parts = {"linear": 0.0, "lm_head": 0.0, "embedding_rows": 0.0, "kv_cache": 0.0}
+    for path, shape in param_shapes(cfg).items():
+        n = math.prod(shape)
+        if path in ("embed_tokens", "embed_tokens_per_layer"):
+            parts["embedding_rows"] += shape[1] * (emb_bits / 8 if emb_bits else 4)
+            if path == "embed_tokens":
+                parts["lm_head"] += linear_bytes(n, shape[0])
+        elif len(shape) == 2:
+            parts["linear"] += linear_bytes(n, shape[0])
+        else:
+            parts["linear"] += n * 4
+    for s in cfg.layers[: cfg.first_shared]:
+        slots = (ring if s.is_sliding else pos) + 1
+        parts["kv_cache"] += 2 * slots * s.num_kv_heads * s.head_dim * 4
+    parts["kv_cache"] *= 1  # consumers reuse the donors' K/V already read (same cache lines, assumed cached)
+    return parts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("pte")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=10)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--size", help="a named size instead of --hidden/--layers/--vocab")
+    ap.add_argument("--quantize", default="8da4w")
+    ap.add_argument("--embedding-quantize", type=int, default=8)
+    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--pos", type=int, default=128)
+    a = ap.parse_args()
+    cfg = g4.CONFIGS[a.size] if a.size else bench_config(a.hidden, a.layers, a.vocab)
+    bw = copy_bandwidth()
+    model = g4.PteModel(a.pte)
+    ring = max(cfg.sliding_window, model.max_chunk)
+    parts = bytes_per_token(cfg, a.quantize, a.embedding_quantize, a.group_size, a.pos, ring)
+    total = sum(parts.values())
+    model.step(list(range(3, 3 + min(a.pos, model.max_chunk))), 0)
+    start = min(a.pos, model.max_chunk)
+    for i in range(start, a.pos, model.max_chunk):
+        model.step(list(range(3, 3 + min(model.max_chunk, a.pos - i))), i)
+    t = time.perf_counter()
+    for i in range(32):
+        model.step([5], a.pos + i)
+    tok_s = 32 / (time.perf_counter() - t)
+    limit = bw / total
+    rec = {
+        "bandwidth_GBps": bw / 1e9,
+        "bytes_per_token": parts,
+        "total_MB": total / 1e6,
+        "limit_tok_s": limit,
+        "decode_tok_s": tok_s,
+        "fraction_of_limit": tok_s / limit,
+        "threads": torch.get_num_threads(),
+        "command": " ".join(sys.argv),
+    }
+    print("| copy bandwidth | bytes/token | bound tok/s | measured tok/s | fraction |\n|---|---|---|---|---|")
+    print(f"| {bw / 1e9:.1f} GB/s | {total / 1e6:.1f} MB | {limit:.1f} | {tok_s:.1f} | {tok_s / limit:.0%} |")
+    print(json.dumps(rec))
+
+
+if __name__ == "__main__":
+    main()
