@@ -127,7 +127,7 @@ class _Reader:
 
 def load_checkpoint(
     path: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     transform: Callable[[str, Tensor], Tensor] | None = None,
     progress: bool = False,
 ) -> tuple[Config, Params]:
@@ -135,8 +135,9 @@ def load_checkpoint(
 
     Every name and shape is checked from the safetensors headers before any weight is read; then the
     tensors are read through the memory map one at a time and converted to `dtype`, so peak memory is
-    the size of the result plus one tensor. `transform(path, tensor)` (e.g. a quantizer) is applied to
-    each tensor as it is read, so an fp32 copy of the whole model never exists.
+    the size of the result plus one tensor. `dtype=None` keeps the stored dtype (the tensors then stay
+    memory-mapped). `transform(path, tensor)` (e.g. a quantizer) is applied to each tensor as it is
+    read, so an fp32 copy of the whole model never exists.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -270,8 +271,14 @@ def write_random_checkpoint(
     _atomic(out / INDEX, lambda f: f.write_text(json.dumps(index, indent=2)))
     hf = cfg.to_hf() | {"dtype": str(dtype).removeprefix("torch.")}
     if multimodal:
-        hf = {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4", "text_config": hf,
-              "vision_config": None, "audio_config": None, "tie_word_embeddings": True}
+        hf = {
+            "architectures": ["Gemma4ForConditionalGeneration"],
+            "model_type": "gemma4",
+            "text_config": hf,
+            "vision_config": None,
+            "audio_config": None,
+            "tie_word_embeddings": True,
+        }
     _atomic(out / "config.json", lambda f: f.write_text(json.dumps(hf, indent=2)))
     return out
 

@@ -145,3 +145,18 @@ def test_failed_export_leaves_existing_output_intact(tmp_path):
     assert r.returncode == 2 and "not Gemma 4" in r.stderr
     assert out.read_bytes() == b"previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "model.pte"]  # no temporary left behind
+
+
+def test_chunked_quantization_equals_whole(monkeypatch):
+    from g4.export import quant
+
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for fn in (lambda x: quant.quantize_linear(x, "8da4w", 32), lambda x: quant.quantize_embedding(x, 8, 32)):
+        whole = fn(w.float())
+        monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 96 * 10)  # 7 blocks of rows, the last one short
+        parts = quant.chunked(fn, w, torch.float32)
+        monkeypatch.undo()
+        assert type(parts) is type(whole)
+        for name in whole.tensor_data_names:
+            assert torch.equal(getattr(parts, name), getattr(whole, name))
+        assert torch.equal(parts.dequantize(), whole.dequantize())

@@ -25,6 +25,7 @@ from g4.export.quant import (
     EMBEDDING_BITS,
     EMBEDDING_TABLES,
     LINEAR_MODES,
+    chunked,
     linear_ok,
     quantize_embedding,
     quantize_linear,
@@ -81,25 +82,23 @@ class Quantizer:
         self.skipped: list[str] = []
 
     def __call__(self, path: str, w: torch.Tensor) -> torch.Tensor:
-        """The weight at tree `path`, cast to the export dtype and quantized per the options."""
+        """The weight at tree `path` (any float dtype), in the export dtype and quantized per the options."""
         o = self.opts
-        w = w.to(o.torch_dtype)
         name = path.rsplit(".", 1)[-1]
         if name == "embed_tokens" and (o.quantize != "none" or o.embedding_quantize):
             self.lm_head = self.linear(path, w)
-        if w.dim() != 2:
-            return w
-        if name in EMBEDDING_TABLES:
-            return quantize_embedding(w, o.embedding_quantize, o.group_size)
-        return self.linear(path, w)
+        if w.dim() == 2 and name in EMBEDDING_TABLES and o.embedding_quantize:
+            return chunked(lambda x: quantize_embedding(x, o.embedding_quantize, o.group_size), w, o.torch_dtype)
+        return self.linear(path, w) if w.dim() == 2 else w.to(o.torch_dtype)
 
     def linear(self, path: str, w: torch.Tensor) -> torch.Tensor:
         """The linear scheme, or `w` unchanged where the shape does not allow it."""
-        if linear_ok(tuple(w.shape), self.opts.quantize, self.opts.group_size):
-            return quantize_linear(w, self.opts.quantize, self.opts.group_size)
-        if self.opts.quantize != "none":
+        o = self.opts
+        if linear_ok(tuple(w.shape), o.quantize, o.group_size):
+            return chunked(lambda x: quantize_linear(x, o.quantize, o.group_size), w, o.torch_dtype)
+        if o.quantize != "none" and path.rsplit(".", 1)[-1] not in EMBEDDING_TABLES:
             self.skipped.append(path)
-        return w
+        return w.to(o.torch_dtype)
 
     def finish(self, params: Params) -> Params:
         """The tree with the untied, quantized LM head (if any)."""

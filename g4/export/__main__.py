@@ -120,7 +120,7 @@ def run(a: argparse.Namespace) -> int:
                     f"{ckpt} holds a model with hidden_size {cfg.hidden_size} and "
                     f"{cfg.num_hidden_layers} layers, not {a.size}"
                 )
-            cfg, params = load_checkpoint(ckpt, transform=q, progress=True)
+            cfg, params = load_checkpoint(ckpt, dtype=None, transform=q, progress=True)
         except CheckpointError as e:
             raise UsageError(str(e)) from None
         source = str(ckpt)

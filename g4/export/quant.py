@@ -8,6 +8,9 @@ result is a torchao tensor subclass that `F.linear` / `F.embedding` in the pure 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -15,6 +18,25 @@ LINEAR_MODES = ("none", "8da8w", "8da4w")
 EMBEDDING_BITS = (0, 8, 4)
 EMBEDDING_TABLES = ("embed_tokens", "embed_tokens_per_layer")
 INT = {8: torch.int8, 4: getattr(torch, "int4")}  # noqa: B009 (torch.int4 is missing from the stubs)
+
+
+CHUNK_ELEMENTS = 1 << 24  # rows are quantized in blocks of at most this many values
+
+
+def chunked(quantize: Callable[[Tensor], Tensor], w: Tensor, dtype: torch.dtype) -> Tensor:
+    """Quantizes `w` (any float dtype, e.g. a memory-mapped bf16 table) in blocks of rows, converting
+    each block to `dtype` first, and joins the blocks into one quantized tensor.
+
+    Peak memory is the result plus one block; it also keeps torchao's kernels away from tensors of
+    more than 2**31 elements (Gemma 4's per-layer embedding tables have 2.3 to 2.8 billion).
+    """
+    rows = max(1, CHUNK_ELEMENTS // w.shape[1])
+    if w.shape[0] <= rows:
+        return quantize(w.to(dtype))
+    parts = [quantize(w[i : i + rows].to(dtype)) for i in range(0, w.shape[0], rows)]
+    first: Any = parts[0]  # a torchao tensor subclass: qdata, scale, zero_point + attributes
+    data = [torch.cat([getattr(p, n) for p in parts]) for n in first.tensor_data_names]
+    return type(first)(*data, *(getattr(first, n) for n in first.tensor_attribute_names))
 
 
 def quantize_linear(w: Tensor, mode: str, group_size: int) -> Tensor:
