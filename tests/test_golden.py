@@ -9,6 +9,7 @@ import g4
 from g4.config import FULL, SLIDING
 from g4.fn import apply_rope, embed, inv_freq, mask, per_layer_inputs, rms_norm, rope_table
 from g4.fn.model import finish_layer, project_kv, project_q
+from g4.fn.rope import rotate_half_matrix
 from g4.params import param_shapes
 from golden import Approx, GoldenExtension, differences, render
 
@@ -89,10 +90,11 @@ def test_decoder_layer(golden, params, layer):
     cos, sin = rope_table(
         torch.arange(T), inv_freq(spec.head_dim, spec.rope_theta, spec.partial_rotary_factor), torch.float32
     )
+    rope = (cos, sin, rotate_half_matrix(torch.float32))
     x = rms_norm(h, p.input_layernorm)
-    q = project_q(p.self_attn, spec, x, cos, sin, CFG.rms_norm_eps)
+    q = project_q(p.self_attn, spec, x, rope, CFG.rms_norm_eps)
     donor = params.layers[spec.kv_source]
-    k, v = project_kv(donor.self_attn, spec, x, cos, sin, CFG.rms_norm_eps)  # donor K/V from the same input
+    k, v = project_kv(donor.self_attn, spec, x, rope, CFG.rms_norm_eps)  # donor K/V from the same input
     a = g4.fn.sdpa(q, k, v, mask(torch.arange(T), torch.arange(T), spec.window))
     ple = rand(1, T, CFG.hidden_size_per_layer_input, seed=9)
     out = finish_layer(p, CFG, h, a, ple)

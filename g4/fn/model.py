@@ -11,7 +11,7 @@ from torch import Tensor
 from g4.config import FULL, SLIDING, Config, LayerSpec
 from g4.fn.attention import Cache, mask, sdpa, write
 from g4.fn.ops import gelu, mlp, rms_norm, softcap
-from g4.fn.rope import apply_rope, inv_freq, rope_table
+from g4.fn.rope import apply_rope, inv_freq, rope_table, rotate_half_matrix
 from g4.params import Attention, Layer, Params
 
 PLE_COMBINE_SCALE = 2**-0.5  # (context projection + token table) / sqrt(2)
@@ -38,18 +38,21 @@ def per_layer_inputs(p: Params, cfg: Config, tokens: Tensor, h0: Tensor) -> Tens
     return (proj + tok) * PLE_COMBINE_SCALE
 
 
-def project_q(p: Attention, spec: LayerSpec, x: Tensor, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
+Rope = tuple[Tensor, Tensor, Tensor]  # cos, sin, rotate-half matrix
+
+
+def project_q(p: Attention, spec: LayerSpec, x: Tensor, rope: Rope, eps: float) -> Tensor:
     """Queries `[B, T, nq, d]`: per-head q_norm, then RoPE."""
     q = F.linear(x, p.q_proj).unflatten(-1, (-1, spec.head_dim))
-    return apply_rope(rms_norm(q, p.q_norm, eps), cos, sin)
+    return apply_rope(rms_norm(q, p.q_norm, eps), *rope)
 
 
-def project_kv(p: Attention, spec: LayerSpec, x: Tensor, cos: Tensor, sin: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def project_kv(p: Attention, spec: LayerSpec, x: Tensor, rope: Rope, eps: float) -> tuple[Tensor, Tensor]:
     """Keys and values `[B, T, nkv, d]`: k_norm before RoPE; V gets a weightless RMSNorm."""
     assert p.k_proj is not None and p.v_proj is not None, "KV-shared layers have no k/v projections"
     k = F.linear(x, p.k_proj).unflatten(-1, (-1, spec.head_dim))
     v = F.linear(x, p.v_proj).unflatten(-1, (-1, spec.head_dim))
-    return apply_rope(rms_norm(k, p.k_norm, eps), cos, sin), rms_norm(v, None, eps)
+    return apply_rope(rms_norm(k, p.k_norm, eps), *rope), rms_norm(v, None, eps)
 
 
 def finish_layer(p: Layer, cfg: Config, h: Tensor, attn: Tensor, ple: Tensor | None) -> Tensor:
@@ -118,8 +121,9 @@ def forward(
 
     # Once per layer type: RoPE tables, key positions, masks.
     first = {t: cfg.layers[cfg.layer_types.index(t)] for t in set(cfg.layer_types)}
+    rot = rotate_half_matrix(dt)
     rope = {
-        t: rope_table(positions, inv_freq(s.head_dim, s.rope_theta, s.partial_rotary_factor), dt)
+        t: (*rope_table(positions, inv_freq(s.head_dim, s.rope_theta, s.partial_rotary_factor), dt), rot)
         for t, s in first.items()
     }
     new_cache = cache
@@ -138,11 +142,10 @@ def forward(
 
     kv: dict[int, tuple[Tensor, Tensor]] = {}  # K/V produced this step by each owning layer
     for i, (p, spec) in enumerate(zip(params.layers, cfg.layers, strict=True)):
-        cos, sin = rope[spec.type]
         x = rms_norm(h, p.input_layernorm, cfg.rms_norm_eps)
-        q = project_q(p.self_attn, spec, x, cos, sin, cfg.rms_norm_eps)
+        q = project_q(p.self_attn, spec, x, rope[spec.type], cfg.rms_norm_eps)
         if spec.kv_source == i:  # owns K/V; otherwise a donor earlier in the loop produced them
-            k, v = project_kv(p.self_attn, spec, x, cos, sin, cfg.rms_norm_eps)
+            k, v = project_kv(p.self_attn, spec, x, rope[spec.type], cfg.rms_norm_eps)
             if cache is not None and spec.is_sliding:  # attend over ring + new, then keep the last W
                 kv[i] = torch.cat([cache.k[i], k], 1), torch.cat([cache.v[i], v], 1)
                 new_k[i] = write(cache.k[i], ring_slots, k if keep is None else k[:, keep])

@@ -15,11 +15,16 @@ def rms_norm(x: Tensor, w: Tensor | None = None, eps: float = 1e-6) -> Tensor:
     `w=None` is the scale-free norm Gemma 4 applies to V. HF computes `pow(mean + eps, -0.5)`
     (not rsqrt); we do the same so fp32 results are bit-identical.
     """
-    xf = x.float()
+    xf = _f32(x)
     y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if w is not None:
-        y = y * w.float()
-    return y.type_as(x)
+        y = y * _f32(w)
+    return y if y.dtype == x.dtype else y.type_as(x)
+
+
+def _f32(x: Tensor) -> Tensor:
+    # `.float()` only where it converts: in fp32 the traced graph then carries no no-op casts.
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def gelu(x: Tensor) -> Tensor:

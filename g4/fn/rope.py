@@ -27,20 +27,21 @@ def rope_table(positions: Tensor, freqs: Tensor, dtype: torch.dtype) -> tuple[Te
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rotate_half_matrix(dtype: torch.dtype) -> Tensor:
+def rotate_half_matrix(dtype: torch.dtype) -> Tensor:
     """[[0, -1], [1, 0]], built from ops rather than a tensor constant (ExecuTorch 1.5.1 mishandles
-    lifted tensor constants inside XNNPACK partitions)."""
+    lifted tensor constants inside XNNPACK partitions); build it once per forward."""
     z, o = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
     return torch.stack([torch.stack([z, -o]), torch.stack([o, z])])
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rot: Tensor | None = None) -> Tensor:
     """Rotate-half RoPE on `x [B, T, heads, d]`, in x's dtype (HF rotates in the activation dtype).
 
     rotate_half, (x1, x2) -> (-x2, x1) on the two halves, is a 2x2 matmul over the pair axis rather
     than slicing: XNNPACK cannot slice tensors of dynamic length (the prefill length). The matrix
-    entries are 0 and +-1, so the result is exactly HF's cat(-x2, x1).
+    entries are 0 and +-1, so the result is exactly HF's cat(-x2, x1). `rot`: `rotate_half_matrix(x.dtype)`.
     """
+    rot = rotate_half_matrix(x.dtype) if rot is None else rot
     pairs = x.unflatten(-1, (2, -1)).transpose(-1, -2)  # [B, T, h, d/2, 2]: (x1[t], x2[t])
-    rotated = torch.nn.functional.linear(pairs, _rotate_half_matrix(x.dtype)).transpose(-1, -2).flatten(-2)
+    rotated = torch.nn.functional.linear(pairs, rot).transpose(-1, -2).flatten(-2)
     return x * cos + rotated * sin
