@@ -87,7 +87,9 @@ class Quantizer:
         name = path.rsplit(".", 1)[-1]
         if name == "embed_tokens" and (o.quantize != "none" or o.embedding_quantize):
             self.lm_head = self.linear(path, w)
-        if w.dim() == 2 and name in EMBEDDING_TABLES and o.embedding_quantize:
+        if name in EMBEDDING_TABLES:  # lookup tables take the embedding scheme only
+            if not o.embedding_quantize:
+                return w.to(o.torch_dtype)
             return chunked(lambda x: quantize_embedding(x, o.embedding_quantize, o.group_size), w, o.torch_dtype)
         return self.linear(path, w) if w.dim() == 2 else w.to(o.torch_dtype)
 
@@ -96,7 +98,7 @@ class Quantizer:
         o = self.opts
         if linear_ok(tuple(w.shape), o.quantize, o.group_size):
             return chunked(lambda x: quantize_linear(x, o.quantize, o.group_size), w, o.torch_dtype)
-        if o.quantize != "none" and path.rsplit(".", 1)[-1] not in EMBEDDING_TABLES:
+        if o.quantize != "none":
             self.skipped.append(path)
         return w.to(o.torch_dtype)
 

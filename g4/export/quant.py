@@ -20,6 +20,9 @@ EMBEDDING_TABLES = ("embed_tokens", "embed_tokens_per_layer")
 INT = {8: torch.int8, 4: getattr(torch, "int4")}  # noqa: B009 (torch.int4 is missing from the stubs)
 
 
+# Scales chosen by HQQ's optimizer (scale only, zero point fixed) rather than min/max: the choice of
+# ExecuTorch's own LLM export; it measurably lowers 4-bit error at no runtime cost.
+HQQ = "hqq_scale_only"
 CHUNK_ELEMENTS = 1 << 24  # rows are quantized in blocks of at most this many values
 
 
@@ -47,7 +50,9 @@ def quantize_linear(w: Tensor, mode: str, group_size: int) -> Tensor:
     if mode == "none":
         return w
     gran = PerAxis(0) if mode == "8da8w" else PerGroup(group_size)
-    cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=INT[8 if mode == "8da8w" else 4], weight_granularity=gran)
+    cfg = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=INT[8 if mode == "8da8w" else 4], weight_granularity=gran, intx_choose_qparams_algorithm=HQQ
+    )
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     lin.weight = nn.Parameter(w, requires_grad=False)
     quantize_(lin, cfg)
@@ -66,7 +71,7 @@ def quantize_embedding(w: Tensor, bits: int, group_size: int) -> Tensor:
     emb.weight = nn.Parameter(w, requires_grad=False)
     quantize_(
         emb,
-        IntxWeightOnlyConfig(weight_dtype=INT[bits], granularity=gran),
+        IntxWeightOnlyConfig(weight_dtype=INT[bits], granularity=gran, intx_choose_qparams_algorithm=HQQ),
         filter_fn=lambda m, _: isinstance(m, nn.Embedding),
     )
     return emb.weight

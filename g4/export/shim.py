@@ -31,7 +31,8 @@ def _load_custom_ops() -> None:
 def et_write(buf: Tensor, slots: Tensor, new: Tensor) -> Tensor:
     """In-place cache write; K/V `[B, S, H, D]` through ExecuTorch's op, slot positions with index_copy_."""
     if buf.dim() == 4:
-        torch.ops.llama.update_cache_with_indices(new, buf, 0, slots[None].expand(buf.shape[0], -1))
+        idx = slots[None] if buf.shape[0] == 1 else slots[None].expand(buf.shape[0], -1)  # [B, T]
+        torch.ops.llama.update_cache_with_indices(new, buf, 0, idx)
         return buf
     return buf.index_copy_(0, slots, new)
 
@@ -42,14 +43,26 @@ def inplace_write(buf: Tensor, slots: Tensor, new: Tensor) -> Tensor:
 
 
 def et_attend(start_pos: int) -> Attend:
-    """`attend` for the export: custom_sdpa at Gemma 4's scale 1.0 (fp32 only, as the op)."""
+    """`attend` for the export: custom_sdpa at Gemma 4's scale 1.0 (fp32 only, as the op).
+
+    Full layers: the cache slot is the position, so causal attention over the first `start + T`
+    slots. Sliding layers: k/v are `new (T) ++ ring (R)`; the ring fills slot 0 first, so only its
+    first `min(start, R)` slots hold anything, and custom_sdpa reads just `T + min(start, R)` keys.
+    """
+    float_masks: dict[int, Tensor] = {}  # one additive mask per bool mask (per layer type)
 
     def attend(q: Tensor, k: Tensor, v: Tensor, m: Tensor, spec: LayerSpec) -> Tensor:
-        if spec.window is None:  # full layer: cache slot == position, contiguous from 0
+        if spec.window is None:
             return torch.ops.llama.custom_sdpa(q, k, v, start_pos, None, 0.0, True, ATTENTION_SCALE)
-        # Sliding: k = ring (W slots) ++ new (T); custom_sdpa reads the first W + T keys.
-        fmask = torch.zeros(m.shape, dtype=torch.float32).masked_fill(~m, float("-inf"))
-        return torch.ops.llama.custom_sdpa(q, k, v, k.shape[1] - q.shape[1], fmask, 0.0, False, ATTENTION_SCALE)
+        T = q.shape[1]
+        filled = torch.sym_min(start_pos, k.shape[1] - T)
+        if id(m) not in float_masks:
+            fm = torch.zeros(m.shape, dtype=torch.float32).masked_fill(~m, float("-inf"))
+            float_masks[id(m)] = fm[:, : T + filled]
+        n = T + filled  # narrowed explicitly: the op's ATen and runtime kernels slice differently
+        return torch.ops.llama.custom_sdpa(
+            q, k[:, :n], v[:, :n], filled, float_masks[id(m)], 0.0, False, ATTENTION_SCALE
+        )
 
     return attend
 

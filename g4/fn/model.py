@@ -136,7 +136,7 @@ def forward(
         keep = slice(T - R, None) if T > R else None
         ring_slots = (positions if keep is None else positions[keep]) % R
         full_end = write(cache.full_end, positions, positions + 1)
-        k_pos = {SLIDING: torch.cat([cache.ring_end - 1, positions]), FULL: full_end - 1}
+        k_pos = {SLIDING: torch.cat([positions, cache.ring_end - 1]), FULL: full_end - 1}
         new_k, new_v = list(cache.k), list(cache.v)
     masks = {t: mask(positions, k_pos[t], s.window) for t, s in first.items()}
 
@@ -146,8 +146,8 @@ def forward(
         q = project_q(p.self_attn, spec, x, rope[spec.type], cfg.rms_norm_eps)
         if spec.kv_source == i:  # owns K/V; otherwise a donor earlier in the loop produced them
             k, v = project_kv(p.self_attn, spec, x, rope[spec.type], cfg.rms_norm_eps)
-            if cache is not None and spec.is_sliding:  # attend over ring + new, then keep the last W
-                kv[i] = torch.cat([cache.k[i], k], 1), torch.cat([cache.v[i], v], 1)
+            if cache is not None and spec.is_sliding:  # attend over new ++ ring, then keep the last R
+                kv[i] = torch.cat([k, cache.k[i]], 1), torch.cat([v, cache.v[i]], 1)
                 new_k[i] = write(cache.k[i], ring_slots, k if keep is None else k[:, keep])
                 new_v[i] = write(cache.v[i], ring_slots, v if keep is None else v[:, keep])
             elif cache is not None:  # full: write into the slot of each position, attend over all slots
