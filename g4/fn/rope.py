@@ -43,5 +43,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rot: Tensor | None = None) -
     """
     rot = rotate_half_matrix(x.dtype) if rot is None else rot
     pairs = x.unflatten(-1, (2, -1)).transpose(-1, -2)  # [B, T, h, d/2, 2]: (x1[t], x2[t])
-    rotated = torch.nn.functional.linear(pairs, rot).transpose(-1, -2).flatten(-2)
+    # A 2-D matmul ([N, 2] x [2, 2]); a 5-D one would lower to a batched matmul over a broadcast weight.
+    rotated = torch.nn.functional.linear(pairs.reshape(-1, 2), rot).view(pairs.shape)
+    rotated = rotated.transpose(-1, -2).flatten(-2)
     return x * cos + rotated * sin
