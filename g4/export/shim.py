@@ -6,7 +6,7 @@ tree in `forward(tokens, input_pos)` and calls `g4.forward` with two swapped-in 
 - `write`: in-place cache writes with `llama::update_cache_with_indices` (ExecuTorch's custom op), so
   a decode step writes T rows and never copies a whole cache;
 - `attend`: `llama::custom_sdpa` (tiled flash attention). Full layers attend causally over the first
-  `start_pos + T` slots of their cache; sliding layers over `ring ++ new` with the slot-position mask.
+  `start_pos + T` slots of their cache; sliding layers over `new ++ filled ring slots` with the mask.
 """
 
 from __future__ import annotations
