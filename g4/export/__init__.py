@@ -233,6 +233,9 @@ def write_atomic(prog: Any, out: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             prog.write_to_file(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
