@@ -263,3 +263,20 @@ def test_bad_inputs_name_the_argument():
         g4.forward(params, cfg, torch.zeros(1, 9, dtype=torch.int64), torch.arange(9), cache)
     with pytest.raises(ValueError, match="positions: 9 does not fit"):
         g4.forward(params, cfg, torch.zeros(1, 2, dtype=torch.int64), torch.arange(8, 10), cache)
+
+
+@torch.no_grad()
+def test_last_only_skips_nothing_that_matters():
+    # last_only runs the KV-shared layers for the last query only; logits must not change.
+    cfg = CASES["window-8"]
+    params = g4.init_params(cfg, seed=8)
+    tokens = prompt(cfg, n=30)
+    full, _ = g4.forward(params, cfg, tokens, torch.arange(30))
+    last, _ = g4.forward(params, cfg, tokens, torch.arange(30), last_only=True)
+    assert last.shape == (1, 1, cfg.vocab_size) and rel(last, full[:, -1:]) <= 1e-5
+    cache_a, cache_b = g4.init_cache(cfg, max_seq_len=64), g4.init_cache(cfg, max_seq_len=64)
+    for t0, t1 in ((0, 12), (12, 13), (13, 30)):
+        a, cache_a = g4.forward(params, cfg, tokens[:, t0:t1], torch.arange(t0, t1), cache_a)
+        b, cache_b = g4.forward(params, cfg, tokens[:, t0:t1], torch.arange(t0, t1), cache_b, last_only=True)
+        assert rel(b, a[:, -1:]) <= 1e-5
+        assert all(torch.equal(x, y) for x, y in zip(cache_a.k, cache_b.k, strict=True))

@@ -42,7 +42,7 @@ def inplace_write(buf: Tensor, slots: Tensor, new: Tensor) -> Tensor:
     return buf.index_copy_(1 if buf.dim() > 1 else 0, slots, new)
 
 
-def et_attend(start_pos: int) -> Attend:
+def et_attend(start_pos: int, T: int) -> Attend:
     """`attend` for the export: custom_sdpa at Gemma 4's scale 1.0 (fp32 only, as the op).
 
     Full layers: the cache slot is the position, so causal attention over the first `start + T`
@@ -52,9 +52,9 @@ def et_attend(start_pos: int) -> Attend:
     float_masks: dict[int, Tensor] = {}  # one additive mask per bool mask (per layer type)
 
     def attend(q: Tensor, k: Tensor, v: Tensor, m: Tensor, spec: LayerSpec) -> Tensor:
-        if spec.window is None:
-            return torch.ops.llama.custom_sdpa(q, k, v, start_pos, None, 0.0, True, ATTENTION_SCALE)
-        T = q.shape[1]
+        if spec.window is None:  # queries are the last q.shape[1] of the T new tokens
+            q_start = start_pos + T - q.shape[1]
+            return torch.ops.llama.custom_sdpa(q, k, v, q_start, None, 0.0, True, ATTENTION_SCALE)
         filled = torch.sym_min(start_pos, k.shape[1] - T)
         if id(m) not in float_masks:
             fm = torch.zeros(m.shape, dtype=torch.float32).masked_fill(~m, float("-inf"))
@@ -120,7 +120,7 @@ class Shim(nn.Module):
         torch._check(start + T <= self.max_seq_len)
         torch._check(T <= self.ring_slots)
         positions = torch.arange(start, start + T, dtype=torch.int64)
-        attend, write = (et_attend(start), et_write) if self.custom_ops else (sdpa, inplace_write)
+        attend, write = (et_attend(start, T), et_write) if self.custom_ops else (sdpa, inplace_write)
         logits, _ = forward(
             self.params(), self.cfg, tokens, positions, self.cache(), attend=attend, write=write, last_only=True
         )

@@ -142,6 +142,12 @@ def forward(
 
     kv: dict[int, tuple[Tensor, Tensor]] = {}  # K/V produced this step by each owning layer
     for i, (p, spec) in enumerate(zip(params.layers, cfg.layers, strict=True)):
+        if last_only and i == cfg.first_shared and cfg.num_kv_shared_layers:
+            # KV-shared layers write no cache, so when only the last logits are wanted they need only
+            # the last query (HF does the same): their K/V are the donors', computed for every token.
+            h, ple = h[:, -1:], None if ple is None else ple[:, -1:]
+            rope = {t: (cos[-1:], sin[-1:], r) for t, (cos, sin, r) in rope.items()}
+            masks = {t: m[-1:] for t, m in masks.items()}
         x = rms_norm(h, p.input_layernorm, cfg.rms_norm_eps)
         q = project_q(p.self_attn, spec, x, rope[spec.type], cfg.rms_norm_eps)
         if spec.kv_source == i:  # owns K/V; otherwise a donor earlier in the loop produced them
@@ -164,7 +170,7 @@ def forward(
             write(cache.ring_end, ring_slots, (positions if keep is None else positions[keep]) + 1),
             full_end,
         )
-    if last_only:
+    if last_only and not cfg.num_kv_shared_layers:
         h = h[:, -1:]
     h = rms_norm(h, params.norm, cfg.rms_norm_eps)
     head = params.embed_tokens if params.lm_head is None else params.lm_head
