@@ -134,7 +134,8 @@ def forward(
         # Only the last R new tokens can stay in the ring. Under torch.export T <= R is known from
         # the chunk bound, so no slicing (and no shape guard) enters the graph.
         keep = slice(T - R, None) if T > R else None
-        ring_slots = (positions if keep is None else positions[keep]) % R
+        kept = positions if keep is None else positions[keep]
+        ring_slots = kept % R
         full_end = write(cache.full_end, positions, positions + 1)
         k_pos = {SLIDING: torch.cat([positions, cache.ring_end - 1]), FULL: full_end - 1}
         new_k, new_v = list(cache.k), list(cache.v)
@@ -167,7 +168,7 @@ def forward(
         new_cache = Cache(
             tuple(new_k),
             tuple(new_v),
-            write(cache.ring_end, ring_slots, (positions if keep is None else positions[keep]) + 1),
+            write(cache.ring_end, ring_slots, kept + 1),
             full_end,
         )
     if last_only and not cfg.num_kv_shared_layers:
