@@ -262,13 +262,13 @@ def write_random_checkpoint(
     for i, (name, tensors) in enumerate(zip(names, shards, strict=True)):
         if progress:
             print(f"writing {name} ({i + 1}/{len(shards)}, {len(tensors)} tensors)", file=sys.stderr, flush=True)
-        _atomic(out / name, functools.partial(_write_safetensors, tensors=tensors, dtype=dtype))
+        atomic_write(out / name, functools.partial(_write_safetensors, tensors=tensors, dtype=dtype))
     total = sum(math.prod(s) for s in shapes.values()) * itemsize
     index = {
         "metadata": {"total_size": total},
         "weight_map": {k: n for n, t in zip(names, shards, strict=True) for k, _, _ in t},
     }
-    _atomic(out / INDEX, lambda f: f.write_text(json.dumps(index, indent=2)))
+    atomic_write(out / INDEX, lambda f: f.write_text(json.dumps(index, indent=2)))
     hf = cfg.to_hf() | {"dtype": str(dtype).removeprefix("torch.")}
     if multimodal:
         hf = {
@@ -279,16 +279,19 @@ def write_random_checkpoint(
             "audio_config": None,
             "tie_word_embeddings": True,
         }
-    _atomic(out / "config.json", lambda f: f.write_text(json.dumps(hf, indent=2)))
+    atomic_write(out / "config.json", lambda f: f.write_text(json.dumps(hf, indent=2)))
     return out
 
 
-def _atomic(dest: Path, write: Callable[[Path], Any]) -> None:
+def atomic_write(dest: Path, write: Callable[[Path], Any]) -> None:
     """Writes through a temporary file in the same folder, then renames: no half-written `dest`."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

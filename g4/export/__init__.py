@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 from executorch.exir.dialects._ops import ops as exir_ops
 from executorch.exir.pass_base import ExportPass, PassResult
 
+from g4.checkpoint import atomic_write
 from g4.config import Config
 from g4.export.quant import (
     EMBEDDING_BITS,
@@ -227,21 +227,6 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     return prog
 
 
-def write_atomic(prog: Any, out: Path) -> None:
-    """Serializes to a temporary file beside `out`, then renames: never a partial or clobbered file."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            prog.write_to_file(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_pte(
     cfg: Config,
     params: Params,
@@ -265,6 +250,11 @@ def export_pte(
     shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=opts.dtype == "fp32")
     prog = lower(shim, opts, say)
     t0 = time.perf_counter()
-    write_atomic(prog, out)
+
+    def serialize(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            prog.write_to_file(f)
+
+    atomic_write(out, serialize)  # never a partial or clobbered .pte
     say(f"  serialize: {time.perf_counter() - t0:.1f} s")
     return out
