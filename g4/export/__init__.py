@@ -30,7 +30,7 @@ from g4.export.quant import (
     quantize_embedding,
     quantize_linear,
 )
-from g4.export.shim import Shim
+from g4.export.shim import KV_CACHES, Shim
 from g4.params import Params, tree_map_with_path
 
 
@@ -44,7 +44,7 @@ class ExportOptions:
     quantize: str = "none"  # linear layers: none | 8da8w | 8da4w
     group_size: int = 32  # int4 weight group size (8da4w, 4-bit embeddings)
     embedding_quantize: int = 0  # token and per-layer embedding tables: 0 (none) | 8 | 4 bits
-    kv_cache: str = "fp32"  # fp32 (int8 is not implemented yet)
+    kv_cache: str = "fp32"  # fp32 | int8 (per token and head, read by ExecuTorch's quantized sdpa)
 
     def __attrs_post_init__(self) -> None:
         if self.quantize not in LINEAR_MODES:
@@ -53,8 +53,10 @@ class ExportOptions:
             raise ValueError(f"embedding_quantize must be one of {EMBEDDING_BITS}, got {self.embedding_quantize}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
-        if self.kv_cache != "fp32":
-            raise ValueError(f"kv_cache {self.kv_cache!r} is not supported yet (only fp32)")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
+        if self.kv_cache == "int8" and self.dtype != "fp32":
+            raise ValueError("kv_cache int8 needs dtype fp32 (ExecuTorch's quantized sdpa is fp32-only)")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
 
@@ -187,6 +189,16 @@ class InferOneViewDim(ExportPass):
         return PassResult(gm, changed)
 
 
+def memory() -> str:
+    """Resident set size now and its peak so far (Linux; empty elsewhere), for the progress lines."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return ""
+    kb = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in status.splitlines() if ln.startswith("Vm"))}
+    return f" (RSS {kb['VmRSS'] / 2**20:.1f} GiB, peak {kb['VmHWM'] / 2**20:.1f} GiB)"
+
+
 def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     """torch.export -> edge -> XNNPACK -> ExecuTorch program."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
@@ -204,7 +216,7 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     with torch.no_grad():
         ep = torch.export.export(shim, example, dynamic_shapes=dyn, strict=False)
         ep = ep.run_decompositions(DECOMPOSITIONS)
-    log(f"  export: {time.perf_counter() - t0:.1f} s")
+    log(f"  export: {time.perf_counter() - t0:.1f} s{memory()}")
     t0 = time.perf_counter()
     edge = to_edge_transform_and_lower(
         ep,
@@ -213,7 +225,7 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
         transform_passes=[InferOneViewDim()],
         constant_methods=metadata(shim.cfg, opts),
     )
-    log(f"  lower: {time.perf_counter() - t0:.1f} s")
+    log(f"  lower: {time.perf_counter() - t0:.1f} s{memory()}")
     t0 = time.perf_counter()
     prog = edge.to_executorch(
         ExecutorchBackendConfig(
@@ -223,7 +235,7 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         )
     )
-    log(f"  to_executorch: {time.perf_counter() - t0:.1f} s")
+    log(f"  to_executorch: {time.perf_counter() - t0:.1f} s{memory()}")
     return prog
 
 
@@ -247,7 +259,7 @@ def export_pte(
             f"  quantize ({opts.quantize}, embeddings {opts.embedding_quantize or 'none'}): "
             f"{time.perf_counter() - t0:.1f} s"
         )
-    shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=opts.dtype == "fp32")
+    shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=opts.dtype == "fp32", kv_cache=opts.kv_cache)
     prog = lower(shim, opts, say)
     t0 = time.perf_counter()
 
@@ -256,5 +268,5 @@ def export_pte(
             prog.write_to_file(f)
 
     atomic_write(out, serialize)  # never a partial or clobbered .pte
-    say(f"  serialize: {time.perf_counter() - t0:.1f} s")
+    say(f"  serialize: {time.perf_counter() - t0:.1f} s{memory()}")
     return out

@@ -70,7 +70,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="bits for the token and per-layer embedding tables (0: none)",
     )
-    ap.add_argument("--kv-cache", choices=["fp32"], default="fp32", help="KV cache dtype")
+    ap.add_argument("--kv-cache", choices=["fp32", "int8"], default="fp32", help="KV cache dtype (int8: fp32 only)")
     return ap.parse_args(argv)
 
 

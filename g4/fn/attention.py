@@ -100,3 +100,8 @@ def init_cache(
 def write(buf: Tensor, slots: Tensor, new: Tensor) -> Tensor:
     """`buf` with `new` written at `slots` along dim 1 (dim 0 for position vectors); out of place."""
     return buf.index_copy(1 if buf.dim() > 1 else 0, slots, new)
+
+
+def join(new: Tensor, ring: Tensor) -> Tensor:
+    """Sliding-layer keys (or values) to attend over: this step's `[B, T, ...]` ++ the ring's `[B, R, ...]`."""
+    return torch.cat([new, ring], 1)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from g4.config import FULL, SLIDING, Config, LayerSpec
-from g4.fn.attention import Cache, mask, sdpa, write
+from g4.fn.attention import Cache, join, mask, sdpa, write
 from g4.fn.ops import gelu, mlp, rms_norm, softcap
 from g4.fn.rope import apply_rope, inv_freq, rope_table, rotate_half_matrix
 from g4.params import Attention, Layer, Params
@@ -18,6 +18,7 @@ PLE_COMBINE_SCALE = 2**-0.5  # (context projection + token table) / sqrt(2)
 
 Attend = Callable[[Tensor, Tensor, Tensor, Tensor, LayerSpec], Tensor]
 Write = Callable[[Tensor, Tensor, Tensor], Tensor]
+Join = Callable[[Tensor, Tensor], Tensor]
 
 
 def embed(table: Tensor, tokens: Tensor, scale: float) -> Tensor:
@@ -104,14 +105,15 @@ def forward(
     *,
     attend: Attend = sdpa,
     write: Write = write,
+    join: Join = join,
     last_only: bool = False,
 ) -> tuple[Tensor, Cache | None]:
     """Logits `[B, T, V]` (`[B, 1, V]` with last_only) and the updated cache.
 
     tokens `[B, T]` int64, positions `[T]` int64 absolute positions shared by the batch. Without a
     cache this is a plain causal forward; with one, prefill of any length and one-token decode are
-    the same call. `attend(q, k, v, mask, spec)` and `write(buf, slots, new)` can be swapped (the
-    exporter passes ExecuTorch's fused, in-place versions).
+    the same call. `attend(q, k, v, mask, spec)`, `write(buf, slots, new)` and `join(new, ring)`
+    can be swapped (the exporter passes ExecuTorch's fused, in-place and int8-cache versions).
     """
     check_inputs(cfg, tokens, positions, cache)
     dt = params.embed_tokens.dtype
@@ -154,7 +156,7 @@ def forward(
         if spec.kv_source == i:  # owns K/V; otherwise a donor earlier in the loop produced them
             k, v = project_kv(p.self_attn, spec, x, rope[spec.type], cfg.rms_norm_eps)
             if cache is not None and spec.is_sliding:  # attend over new ++ ring, then keep the last R
-                kv[i] = torch.cat([k, cache.k[i]], 1), torch.cat([v, cache.v[i]], 1)
+                kv[i] = join(k, cache.k[i]), join(v, cache.v[i])
                 new_k[i] = write(cache.k[i], ring_slots, k if keep is None else k[:, keep])
                 new_v[i] = write(cache.v[i], ring_slots, v if keep is None else v[:, keep])
             elif cache is not None:  # full: write into the slot of each position, attend over all slots
