@@ -7,9 +7,11 @@ Only safetensors are read (memory-mapped, one tensor at a time); pickle files ar
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import json
 import math
+import mmap
 import os
 import struct
 import sys
@@ -118,11 +120,46 @@ class _Reader:
         try:
             with self._open(self.where[key]) as h:
                 t = h.get_tensor(key)
-                return t if dtype is None else t.to(dtype)
+                if dtype is None or dtype == t.dtype:
+                    setattr(t, MAPPED, True)  # a view of the file mapping: `release_pages` may drop its pages
+                    return t
+                return t.to(dtype)
         except CheckpointError:
             raise
         except Exception as e:
             raise CheckpointError(f"{self.where[key]}: tensor {key!r} cannot be read ({e})") from None
+
+
+MAPPED = "g4_file_mapped"  # attribute on tensors that view a read-only private mapping of a checkpoint file
+_MADV_DONTNEED = 4
+
+
+def release_pages(t: Tensor, lo: int, hi: int) -> None:
+    """Drops the resident pages of rows `lo:hi` of `t` if `load_checkpoint` mapped `t` from a file
+    (Linux; a no-op otherwise), so chunk-by-chunk conversion of a 5 GB table never holds it all.
+
+    They are clean pages of a private file mapping that nothing writes, so the kernel reads them
+    from the file again if they are touched later: the data does not change.
+    """
+    if not getattr(t, MAPPED, False) or not t.is_contiguous():
+        return
+    libc = _libc()
+    if libc is None:
+        return
+    page, rows = mmap.PAGESIZE, t[lo:hi]
+    start, end = rows.data_ptr(), rows.data_ptr() + rows.numel() * rows.element_size()
+    first, last = -(-start // page) * page, end // page * page  # whole pages inside the rows only
+    if last > first:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> Any:
+    if sys.platform != "linux":
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 def load_checkpoint(

@@ -199,8 +199,40 @@ def memory() -> str:
     return f" (RSS {kb['VmRSS'] / 2**20:.1f} GiB, peak {kb['VmHWM'] / 2**20:.1f} GiB)"
 
 
-def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
-    """torch.export -> edge -> XNNPACK -> ExecuTorch program."""
+def _plain(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding `t`'s data (a torchao quantized tensor holds several)."""
+    names = getattr(t, "tensor_data_names", None)
+    return [getattr(t, n) for n in names] if names else [t]
+
+
+def free_lowered(weights: list[torch.Tensor], programs: list[Any]) -> int:
+    """Frees the storage of each weight no program references any more (XNNPACK has copied it into
+    its delegate blob); returns the bytes freed. The weights become empty."""
+    kept = {
+        t.untyped_storage().data_ptr()
+        for ep in programs
+        for t in [*ep.state_dict.values(), *ep.constants.values()]
+        if isinstance(t, torch.Tensor)
+    }
+    freed = 0
+    for t in (p for w in weights for p in _plain(w)):
+        st = t.untyped_storage()
+        if st.data_ptr() not in kept and st.nbytes():
+            try:
+                n = st.nbytes()
+                st.resize_(0)
+                freed += n
+            except RuntimeError:  # not resizable (e.g. memory-mapped): left alone
+                pass
+    return freed
+
+
+def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], consume: bool = False) -> Any:
+    """torch.export -> edge -> XNNPACK -> ExecuTorch program.
+
+    With `consume`, the weights XNNPACK has copied are freed before `to_executorch` (the shim's
+    buffers, and so the tree they came from, become unusable).
+    """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
         XnnpackDynamicallyQuantizedPartitioner,
         XnnpackPartitioner,
@@ -225,7 +257,13 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
         transform_passes=[InferOneViewDim()],
         constant_methods=metadata(shim.cfg, opts),
     )
-    log(f"  lower: {time.perf_counter() - t0:.1f} s{memory()}")
+    del ep
+    if consume:
+        weights = [t for n, t in shim.named_buffers() if n.startswith("p_")]
+        freed = free_lowered(weights, [edge.exported_program()])
+        log(f"  lower: {time.perf_counter() - t0:.1f} s, {freed / 2**30:.2f} GiB of delegated weights freed{memory()}")
+    else:
+        log(f"  lower: {time.perf_counter() - t0:.1f} s{memory()}")
     t0 = time.perf_counter()
     prog = edge.to_executorch(
         ExecutorchBackendConfig(
@@ -246,8 +284,13 @@ def export_pte(
     opts: ExportOptions = ExportOptions(),
     log: Callable[[str], None] | None = None,
     quantized: bool = False,
+    consume: bool = False,
 ) -> Path:
-    """Exports `params` (already quantized per `opts` if `quantized`) to `out` (.pte); returns the path."""
+    """Exports `params` (already quantized per `opts` if `quantized`) to `out` (.pte); returns the path.
+
+    `consume=True` lets the export free each weight once XNNPACK has copied it, which lowers peak
+    memory by the size of the linear weights; `params` is unusable afterwards.
+    """
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
     if not out.parent.is_dir():
@@ -260,7 +303,8 @@ def export_pte(
             f"{time.perf_counter() - t0:.1f} s"
         )
     shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=opts.dtype == "fp32", kv_cache=opts.kv_cache)
-    prog = lower(shim, opts, say)
+    del params
+    prog = lower(shim, opts, say, consume=consume)
     t0 = time.perf_counter()
 
     def serialize(tmp: Path) -> None:

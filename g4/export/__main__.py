@@ -120,23 +120,22 @@ def run(a: argparse.Namespace) -> int:
                     f"{ckpt} holds a model with hidden_size {cfg.hidden_size} and "
                     f"{cfg.num_hidden_layers} layers, not {a.size}"
                 )
-            cfg, params = load_checkpoint(ckpt, dtype=None, transform=q, progress=True)
+            cfg, weights = load_checkpoint(ckpt, dtype=None, transform=q, progress=True)
         except CheckpointError as e:
             raise UsageError(str(e)) from None
         source = str(ckpt)
     else:
         cfg = CONFIGS[a.size]
         gen = torch.Generator().manual_seed(a.seed)
-        params = build(cfg, lambda p, shape: q(p, init_value(p, shape, cfg, gen)))
+        weights = build(cfg, lambda p, shape: q(p, init_value(p, shape, cfg, gen)))
         source = f"random weights (seed {a.seed})"
-    params = q.finish(params)
     say(
         f"load + quantize ({opts.quantize}, embeddings {opts.embedding_quantize or 'none'}): "
         f"{time.perf_counter() - t0:.1f} s"
     )
     if q.skipped:
         say(f"  left unquantized (input width not a multiple of --group-size {opts.group_size}): {len(q.skipped)}")
-    export_pte(cfg, params, out, opts, log=say, quantized=True)
+    export_pte(cfg, q.finish(weights), out, opts, log=say, quantized=True, consume=True)
     if ckpt is not None:  # the tokenizer travels with the .pte, so `python -m g4.run OUT.pte` finds it
         for name in TOKENIZER_FILES:
             if (ckpt / name).exists():

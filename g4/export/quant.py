@@ -14,15 +14,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from g4.checkpoint import release_pages
+
 LINEAR_MODES = ("none", "8da8w", "8da4w")
 EMBEDDING_BITS = (0, 8, 4)
 EMBEDDING_TABLES = ("embed_tokens", "embed_tokens_per_layer")
 INT = {8: torch.int8, 4: getattr(torch, "int4")}  # noqa: B009 (torch.int4 is missing from the stubs)
 
 
-# Scales chosen by HQQ's optimizer (scale only, zero point fixed) rather than min/max: the choice of
-# ExecuTorch's own LLM export; it measurably lowers 4-bit error at no runtime cost.
-HQQ = "hqq_scale_only"
+def scale_algorithm(bits: int) -> str:
+    """How torchao picks scales: HQQ's optimizer (scale only, zero point fixed) for 4 bits, min/max for 8.
+
+    HQQ is ExecuTorch's own LLM export choice and lowers int4 error by ~6% at no runtime cost; at 8
+    bits it gains under 1% and costs 20x the time (minutes on Gemma 4's per-layer embedding table).
+    """
+    return "hqq_scale_only" if bits == 4 else "affine"
+
+
 CHUNK_ELEMENTS = 1 << 24  # rows are quantized in blocks of at most this many values
 
 
@@ -30,13 +38,17 @@ def chunked(quantize: Callable[[Tensor], Tensor], w: Tensor, dtype: torch.dtype)
     """Quantizes `w` (any float dtype, e.g. a memory-mapped bf16 table) in blocks of rows, converting
     each block to `dtype` first, and joins the blocks into one quantized tensor.
 
-    Peak memory is the result plus one block; it also keeps torchao's kernels away from tensors of
+    Peak memory is the result plus one block (for tensors `load_checkpoint` maps, the pages of rows
+    already quantized are released too); it also keeps torchao's kernels away from tensors of
     more than 2**31 elements (Gemma 4's per-layer embedding tables have 2.3 to 2.8 billion).
     """
     rows = max(1, CHUNK_ELEMENTS // w.shape[1])
     if w.shape[0] <= rows:
         return quantize(w.to(dtype))
-    parts = [quantize(w[i : i + rows].to(dtype)) for i in range(0, w.shape[0], rows)]
+    parts = []
+    for i in range(0, w.shape[0], rows):
+        parts.append(quantize(w[i : i + rows].to(dtype)))
+        release_pages(w, i, i + rows)  # a memory-mapped checkpoint tensor: drop the rows just read
     first: Any = parts[0]  # a torchao tensor subclass: qdata, scale, zero_point + attributes
     data = [torch.cat([getattr(p, n) for p in parts]) for n in first.tensor_data_names]
     return type(first)(*data, *(getattr(first, n) for n in first.tensor_attribute_names))
@@ -49,9 +61,10 @@ def quantize_linear(w: Tensor, mode: str, group_size: int) -> Tensor:
 
     if mode == "none":
         return w
-    gran = PerAxis(0) if mode == "8da8w" else PerGroup(group_size)
+    bits = 8 if mode == "8da8w" else 4
+    gran = PerAxis(0) if bits == 8 else PerGroup(group_size)
     cfg = Int8DynamicActivationIntxWeightConfig(
-        weight_dtype=INT[8 if mode == "8da8w" else 4], weight_granularity=gran, intx_choose_qparams_algorithm=HQQ
+        weight_dtype=INT[bits], weight_granularity=gran, intx_choose_qparams_algorithm=scale_algorithm(bits)
     )
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
     lin.weight = nn.Parameter(w, requires_grad=False)
@@ -71,7 +84,9 @@ def quantize_embedding(w: Tensor, bits: int, group_size: int) -> Tensor:
     emb.weight = nn.Parameter(w, requires_grad=False)
     quantize_(
         emb,
-        IntxWeightOnlyConfig(weight_dtype=INT[bits], granularity=gran, intx_choose_qparams_algorithm=HQQ),
+        IntxWeightOnlyConfig(
+            weight_dtype=INT[bits], granularity=gran, intx_choose_qparams_algorithm=scale_algorithm(bits)
+        ),
         filter_fn=lambda m, _: isinstance(m, nn.Embedding),
     )
     return emb.weight
