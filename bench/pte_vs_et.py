@@ -198,8 +198,8 @@ def main() -> None:
     rows = {}
     for q in a.quant:
         for kind, code, extra in (("g4", EXPORT_G4, ()), ("executorch", EXPORT_ET, (variant,))):
-            out = work / f"{kind}-{q}.pte"
-            done = work / f"{kind}-{q}.export.json"  # an earlier run's export of this exact file
+            out = work / f"{kind}-{q}-c{a.ctx}.pte"
+            done = work / f"{kind}-{q}-c{a.ctx}.export.json"  # an earlier run's export of this exact file
             if out.exists() and done.exists() and not a.reexport:
                 ex = json.loads(done.read_text())
             else:
@@ -283,7 +283,7 @@ def report(cfg: g4.Config, a: argparse.Namespace, tag: str, rows: dict) -> None:
         "results": {f"{k}/{q}": v for (k, q), v in rows.items()},
         "table": text,
     }
-    (out / f"pte_vs_et-{tag}.json").write_text(json.dumps(record, indent=1))
+    (out / f"pte_vs_et-{tag}-c{a.ctx}.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -153,6 +153,14 @@ def release_pages(t: Tensor, lo: int, hi: int) -> None:
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
+def trim_heap() -> None:
+    """Returns the C heap's free memory to the OS (glibc's malloc_trim; a no-op elsewhere): converting
+    tensors block by block leaves freed blocks that would otherwise stay in the resident set."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 @functools.cache
 def _libc() -> Any:
     if sys.platform != "linux":
@@ -214,6 +222,7 @@ def load_checkpoint(
 
     params = build(cfg, get)
     bar.close()
+    trim_heap()
     if "lm_head.weight" in r.where:  # tied: check it rather than keep a second copy of V x H
         _check_tied(r, params.embed_tokens)
     return cfg, params

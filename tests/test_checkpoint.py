@@ -235,3 +235,31 @@ def test_no_partial_result_on_late_error(tmp_path, causal_dir):
         assert "model.layers.7.layer_scalar" in f.keys()
     with pytest.raises(CheckpointError, match="layer_scalar' has shape"):
         g4.load_checkpoint(d)
+
+
+def _rss_file_kib():
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="page release is Linux-only")
+def test_release_pages_drops_mapped_rows_and_keeps_data(tmp_path):
+    from g4.checkpoint import MAPPED, release_pages
+
+    save_file({"w": torch.randn(4096, 1024)}, str(tmp_path / "w.safetensors"))  # 16 MiB
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as h:
+        want = h.get_tensor("w").clone()
+    r = g4.checkpoint._Reader([tmp_path / "w.safetensors"])
+    t = r.get("w")  # stored dtype: a view of the file mapping
+    assert getattr(t, MAPPED)
+    assert torch.equal(t, want)  # touches every page
+    before = _rss_file_kib()
+    release_pages(t, 0, t.shape[0])
+    assert before - _rss_file_kib() >= 12 * 1024  # most of the 16 MiB left the resident set
+    assert torch.equal(t, want)  # read back from the file, unchanged
+    assert not hasattr(r.get("w", torch.float64), MAPPED)  # a converted copy is not a mapping
+
+    mem = torch.randn(4096, 1024)  # ordinary memory is never released (that would zero it)
+    copy = mem.clone()
+    release_pages(mem, 0, mem.shape[0])
+    assert torch.equal(mem, copy)

@@ -207,3 +207,17 @@ def test_bf16_pte_tracks_fp32_eager(tmp_path):
     diff = max(float((a.float() - b).abs().max()) for a, b in zip(g.logits, want, strict=True))
     agree = sum(int(a.argmax()) == int(b.argmax()) for a, b in zip(g.logits, want, strict=True))
     assert diff <= 0.25 and agree >= 18  # bf16 rounding only (measured: 0.093, 20 of 20)
+
+
+def test_free_lowered_frees_only_weights_no_program_holds():
+    from types import SimpleNamespace
+
+    from g4.export import free_lowered
+    from g4.export.quant import quantize_linear
+
+    kept, dropped = torch.randn(64, 64), quantize_linear(torch.randn(64, 64), "8da4w", 32)
+    prog = SimpleNamespace(state_dict={"a": kept[:8]}, constants={})  # a view still counts as held
+    held = sum(getattr(dropped, n).untyped_storage().nbytes() for n in dropped.tensor_data_names)
+    assert free_lowered([kept, dropped], [prog]) == held > 0
+    assert kept.untyped_storage().nbytes() == 64 * 64 * 4
+    assert dropped.qdata.untyped_storage().nbytes() == 0

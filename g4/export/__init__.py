@@ -19,7 +19,7 @@ import torch
 from executorch.exir.dialects._ops import ops as exir_ops
 from executorch.exir.pass_base import ExportPass, PassResult
 
-from g4.checkpoint import atomic_write
+from g4.checkpoint import atomic_write, trim_heap
 from g4.config import Config
 from g4.export.quant import (
     EMBEDDING_BITS,
@@ -261,6 +261,7 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], consume: 
     if consume:
         weights = [t for n, t in shim.named_buffers() if n.startswith("p_")]
         freed = free_lowered(weights, [edge.exported_program()])
+        trim_heap()
         log(f"  lower: {time.perf_counter() - t0:.1f} s, {freed / 2**30:.2f} GiB of delegated weights freed{memory()}")
     else:
         log(f"  lower: {time.perf_counter() - t0:.1f} s{memory()}")

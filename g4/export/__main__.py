@@ -13,7 +13,7 @@ import torch
 
 from g4.checkpoint import CheckpointError, load_checkpoint, read_config
 from g4.config import CONFIGS, Config
-from g4.export import ExportOptions, Quantizer, export_pte
+from g4.export import ExportOptions, Quantizer, export_pte, memory
 from g4.params import build, init_value
 
 TINY_TOKENIZER = Path(__file__).parent.parent / "assets" / "tiny_tokenizer.json"
@@ -131,7 +131,7 @@ def run(a: argparse.Namespace) -> int:
         source = f"random weights (seed {a.seed})"
     say(
         f"load + quantize ({opts.quantize}, embeddings {opts.embedding_quantize or 'none'}): "
-        f"{time.perf_counter() - t0:.1f} s"
+        f"{time.perf_counter() - t0:.1f} s{memory()}"
     )
     if q.skipped:
         say(f"  left unquantized (input width not a multiple of --group-size {opts.group_size}): {len(q.skipped)}")

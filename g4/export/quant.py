@@ -45,13 +45,20 @@ def chunked(quantize: Callable[[Tensor], Tensor], w: Tensor, dtype: torch.dtype)
     rows = max(1, CHUNK_ELEMENTS // w.shape[1])
     if w.shape[0] <= rows:
         return quantize(w.to(dtype))
-    parts = []
+    first: Any = None  # a torchao tensor subclass: qdata, scale, zero_point (rows first) + attributes
+    out: list[Tensor] = []
     for i in range(0, w.shape[0], rows):
-        parts.append(quantize(w[i : i + rows].to(dtype)))
+        part = quantize(w[i : i + rows].to(dtype))
         release_pages(w, i, i + rows)  # a memory-mapped checkpoint tensor: drop the rows just read
-    first: Any = parts[0]  # a torchao tensor subclass: qdata, scale, zero_point + attributes
-    data = [torch.cat([getattr(p, n) for p in parts]) for n in first.tensor_data_names]
-    return type(first)(*data, *(getattr(first, n) for n in first.tensor_attribute_names))
+        if first is None:  # filled in place: joining blocks with torch.cat would need twice the result
+            first = part
+            out = [
+                torch.empty((w.shape[0], *getattr(part, n).shape[1:]), dtype=getattr(part, n).dtype)
+                for n in first.tensor_data_names
+            ]
+        for o, n in zip(out, first.tensor_data_names, strict=True):
+            o[i : i + rows] = getattr(part, n)
+    return type(first)(*out, *(getattr(first, n) for n in first.tensor_attribute_names))
 
 
 def quantize_linear(w: Tensor, mode: str, group_size: int) -> Tensor:
