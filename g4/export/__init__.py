@@ -7,10 +7,12 @@ partitioners -> `to_executorch` -> written to a temporary file and renamed.
 
 from __future__ import annotations
 
+import contextlib
+import linecache
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -227,12 +229,40 @@ def free_lowered(weights: list[torch.Tensor], programs: list[Any]) -> int:
     return freed
 
 
+@contextlib.contextmanager
+def fx_sources_not_kept() -> Iterator[None]:
+    """torch.fx keeps the source of every forward it generates, for tracebacks, and never frees it;
+    ExecuTorch's partitioner regenerates the whole graph's code once per delegate partition, so for
+    E2B (about 70 partitions) these strings grow by GiBs during lowering. Inside this block they are
+    dropped as soon as they are compiled (tracebacks into generated code then show no source line)."""
+    from torch.fx import graph_module as fx_gm
+
+    loader, keep = fx_gm._loader, fx_gm._loader.cache
+
+    def cache(src: str, globals: dict[str, Any], co_fields: dict[str, Any] | None = None) -> str:
+        key = keep(src, globals, co_fields)
+        loader.eval_cache.pop(key, None)
+        linecache.cache.pop(key, None)
+        return key
+
+    loader.cache = cache  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        loader.cache = keep  # type: ignore[method-assign]
+
+
 def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], consume: bool = False) -> Any:
     """torch.export -> edge -> XNNPACK -> ExecuTorch program.
 
     With `consume`, the weights XNNPACK has copied are freed before `to_executorch` (the shim's
     buffers, and so the tree they came from, become unusable).
     """
+    with fx_sources_not_kept():
+        return _lower(shim, opts, log, consume)
+
+
+def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], consume: bool) -> Any:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
         XnnpackDynamicallyQuantizedPartitioner,
         XnnpackPartitioner,
