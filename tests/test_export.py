@@ -212,7 +212,7 @@ def test_bf16_pte_tracks_fp32_eager(tmp_path):
 def test_free_lowered_frees_only_weights_no_program_holds():
     from types import SimpleNamespace
 
-    from g4.export import free_lowered
+    from g4.export.lean import free_lowered
     from g4.export.quant import quantize_linear
 
     kept, dropped = torch.randn(64, 64), quantize_linear(torch.randn(64, 64), "8da4w", 32)
@@ -221,3 +221,23 @@ def test_free_lowered_frees_only_weights_no_program_holds():
     assert free_lowered([kept, dropped], [prog]) == held > 0
     assert kept.untyped_storage().nbytes() == 64 * 64 * 4
     assert dropped.qdata.untyped_storage().nbytes() == 0
+
+
+def test_bitset_dependency_viewer_matches_torch():
+    from torch.fx.passes.infra.partitioner import _DependencyViewer
+
+    from g4.export.lean import BitsetDependencyViewer
+
+    def f(x, y):
+        a = x.sin() + y
+        b = a.cos() * x
+        return (a + b).relu(), b.exp(), y.neg()
+
+    gm = torch.fx.symbolic_trace(f)
+    ref, got = _DependencyViewer(gm), BitsetDependencyViewer(gm)
+    nodes = list(gm.graph.nodes)
+    for n in nodes:
+        want = ref.downstreams_of(n)
+        assert set(got.downstreams_of(n)) == want and len(got.downstreams_of(n)) == len(want)
+        assert all((m in got.downstreams_of(n)) == (m in want) for m in nodes)
+        assert set(got.upstreams_of(n)) == {m for m in nodes if n in ref.downstreams_of(m)}

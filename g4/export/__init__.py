@@ -7,13 +7,10 @@ partitioners -> `to_executorch` -> written to a temporary file and renamed.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import linecache
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ from executorch.exir.pass_base import ExportPass, PassResult
 
 from g4.checkpoint import atomic_write, trim_heap
 from g4.config import Config
+from g4.export.lean import free_lowered, lean_lowering
 from g4.export.quant import (
     EMBEDDING_BITS,
     EMBEDDING_TABLES,
@@ -202,110 +200,6 @@ def memory() -> str:
     return f" (RSS {kb['VmRSS'] / 2**20:.1f} GiB, peak {kb['VmHWM'] / 2**20:.1f} GiB)"
 
 
-def _plain(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors holding `t`'s data (a torchao quantized tensor holds several)."""
-    names = getattr(t, "tensor_data_names", None)
-    return [getattr(t, n) for n in names] if names else [t]
-
-
-def free_lowered(weights: list[torch.Tensor], programs: list[Any]) -> int:
-    """Frees the storage of each weight no program references any more (XNNPACK has copied it into
-    its delegate blob); returns the bytes freed. The weights become empty."""
-    kept = {
-        t.untyped_storage().data_ptr()
-        for ep in programs
-        for t in [*ep.state_dict.values(), *ep.constants.values()]
-        if isinstance(t, torch.Tensor)
-    }
-    freed = 0
-    for t in (p for w in weights for p in _plain(w)):
-        st = t.untyped_storage()
-        if st.data_ptr() not in kept and st.nbytes():
-            try:
-                n = st.nbytes()
-                st.resize_(0)
-                freed += n
-            except RuntimeError:  # not resizable (e.g. memory-mapped): left alone
-                pass
-    return freed
-
-
-@contextlib.contextmanager
-def fx_sources_not_kept() -> Iterator[None]:
-    """torch.fx keeps the source of every forward it generates, for tracebacks, and never frees it;
-    ExecuTorch's partitioner regenerates the whole graph's code once per delegate partition, so for
-    E2B (about 70 partitions) these strings grow by GiBs during lowering. Inside this block they are
-    dropped as soon as they are compiled (tracebacks into generated code then show no source line)."""
-    from torch.fx import graph_module as fx_gm
-
-    loader, keep = fx_gm._loader, fx_gm._loader.cache
-
-    def cache(src: str, globals: dict[str, Any], co_fields: dict[str, Any] | None = None) -> str:
-        key = keep(src, globals, co_fields)
-        loader.eval_cache.pop(key, None)
-        linecache.cache.pop(key, None)
-        return key
-
-    loader.cache = cache  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        loader.cache = keep  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def weights_not_copied_for_xnnpack() -> Iterator[None]:
-    """ExecuTorch deep-copies every partition's program, weights included, before XNNPACK's
-    preprocessing (`copy_exported_program_for_preprocess`) and keeps all copies until it is done:
-    a second copy of every delegated weight at the peak. XNNPACK reads the weights and never writes
-    them, so inside this block the copies share the original tensors (the graphs are still copied)."""
-    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
-
-    had = "copy_exported_program_for_preprocess" in vars(XnnpackBackend)
-    keep = vars(XnnpackBackend).get("copy_exported_program_for_preprocess")
-
-    def copy_sharing_weights(cls: Any, program: Any, compile_specs: Any) -> Any:
-        tensors = [*program.state_dict.values(), *program.constants.values()]
-        return copy.deepcopy(program, {id(t): t for t in tensors if isinstance(t, torch.Tensor)})
-
-    XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
-    try:
-        yield
-    finally:
-        if had:
-            XnnpackBackend.copy_exported_program_for_preprocess = keep
-        else:
-            del XnnpackBackend.copy_exported_program_for_preprocess
-
-
-@contextlib.contextmanager
-def freed_once_packed(weights: list[torch.Tensor]) -> Iterator[None]:
-    """Frees each of `weights` (quantized linear weights) as soon as XNNPACK has copied it into its
-    delegate blob, instead of after all of lowering: the int8 copy and the packed one then never
-    coexist for the whole model (E4B: 5 GiB less at the peak)."""
-    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
-    from executorch.backends.xnnpack.utils.utils import get_param_tensor, is_param_node
-
-    ours = {t.untyped_storage().data_ptr() for w in weights for t in _plain(w)}
-    keep = NodeVisitor.get_serialized_buffer_index
-
-    def serialize_then_free(self: Any, tensor: torch.fx.Node, *args: Any, **kwargs: Any) -> int:
-        idx = keep(self, tensor, *args, **kwargs)
-        quant_params = args[4] if len(args) > 4 else kwargs.get("quant_params")
-        node = tensor if quant_params is None else quant_params.q_input
-        if is_param_node(self.exported_program, node):
-            st = get_param_tensor(self.exported_program, node).untyped_storage()
-            if st.data_ptr() in ours:
-                st.resize_(0)
-        return idx
-
-    NodeVisitor.get_serialized_buffer_index = serialize_then_free
-    try:
-        yield
-    finally:
-        NodeVisitor.get_serialized_buffer_index = keep
-
-
 def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], consume: bool = False) -> Any:
     """torch.export -> edge -> XNNPACK -> ExecuTorch program.
 
@@ -314,7 +208,7 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], consume: 
     """
     tables = {f"p_{name}" for name in EMBEDDING_TABLES}  # looked up by portable kernels, never packed
     linear = [t for n, t in shim.named_buffers() if n.startswith("p_") and n not in tables and hasattr(t, "qdata")]
-    with fx_sources_not_kept(), weights_not_copied_for_xnnpack(), freed_once_packed(linear if consume else []):
+    with lean_lowering(linear if consume else []):
         return _lower(shim, opts, log, consume)
 
 

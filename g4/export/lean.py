@@ -1,0 +1,210 @@
+"""ExecuTorch lowering, lean on memory: fixes scoped to one export (`lean_lowering`).
+
+ExecuTorch 1.5.1 and torch.fx hold several whole-graph or whole-model copies while lowering a large
+graph to XNNPACK. Each fix below is a context manager that patches one library function for the
+duration of the export and restores it after; none changes the lowered program (tests compare the
+.pte with the eager forward). Measured on full E2B/E4B exports (README, Performance).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import copy
+import linecache
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+
+def plain(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding `t`'s data (a torchao quantized tensor holds several)."""
+    names = getattr(t, "tensor_data_names", None)
+    return [getattr(t, n) for n in names] if names else [t]
+
+
+def free_lowered(weights: list[torch.Tensor], programs: list[Any]) -> int:
+    """Frees the storage of each weight no program references any more (XNNPACK has copied it into
+    its delegate blob); returns the bytes freed. The weights become empty."""
+    kept = {
+        t.untyped_storage().data_ptr()
+        for ep in programs
+        for t in [*ep.state_dict.values(), *ep.constants.values()]
+        if isinstance(t, torch.Tensor)
+    }
+    freed = 0
+    for t in (p for w in weights for p in plain(w)):
+        st = t.untyped_storage()
+        if st.data_ptr() not in kept and st.nbytes():
+            try:
+                n = st.nbytes()
+                st.resize_(0)
+                freed += n
+            except RuntimeError:  # not resizable (e.g. memory-mapped): left alone
+                pass
+    return freed
+
+
+@contextlib.contextmanager
+def fx_sources_not_kept() -> Iterator[None]:
+    """torch.fx keeps the source of every forward it generates, for tracebacks, and never frees it;
+    ExecuTorch's partitioner regenerates the whole graph's code once per delegate partition, so for
+    E2B (about 70 partitions) these strings grow by GiBs during lowering. Inside this block they are
+    dropped as soon as they are compiled (tracebacks into generated code then show no source line)."""
+    from torch.fx import graph_module as fx_gm
+
+    loader, keep = fx_gm._loader, fx_gm._loader.cache
+
+    def cache(src: str, globals: dict[str, Any], co_fields: dict[str, Any] | None = None) -> str:
+        key = keep(src, globals, co_fields)
+        loader.eval_cache.pop(key, None)
+        linecache.cache.pop(key, None)
+        return key
+
+    loader.cache = cache  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        loader.cache = keep  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def weights_not_copied_for_xnnpack() -> Iterator[None]:
+    """ExecuTorch deep-copies every partition's program, weights included, before XNNPACK's
+    preprocessing (`copy_exported_program_for_preprocess`) and keeps all copies until it is done:
+    a second copy of every delegated weight at the peak. XNNPACK reads the weights and never writes
+    them, so inside this block the copies share the original tensors (the graphs are still copied)."""
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    had = "copy_exported_program_for_preprocess" in vars(XnnpackBackend)
+    keep = vars(XnnpackBackend).get("copy_exported_program_for_preprocess")
+
+    def copy_sharing_weights(cls: Any, program: Any, compile_specs: Any) -> Any:
+        tensors = [*program.state_dict.values(), *program.constants.values()]
+        return copy.deepcopy(program, {id(t): t for t in tensors if isinstance(t, torch.Tensor)})
+
+    XnnpackBackend.copy_exported_program_for_preprocess = classmethod(copy_sharing_weights)
+    try:
+        yield
+    finally:
+        if had:
+            XnnpackBackend.copy_exported_program_for_preprocess = keep
+        else:
+            del XnnpackBackend.copy_exported_program_for_preprocess
+
+
+@contextlib.contextmanager
+def freed_once_packed(weights: list[torch.Tensor]) -> Iterator[None]:
+    """Frees each of `weights` (quantized linear weights) as soon as XNNPACK has copied it into its
+    delegate blob, instead of after all of lowering: the int8 copy and the packed one then never
+    coexist for the whole model (E4B: 5 GiB less at the peak)."""
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+    from executorch.backends.xnnpack.utils.utils import get_param_tensor, is_param_node
+
+    ours = {t.untyped_storage().data_ptr() for w in weights for t in plain(w)}
+    keep = NodeVisitor.get_serialized_buffer_index
+
+    def serialize_then_free(self: Any, tensor: torch.fx.Node, *args: Any, **kwargs: Any) -> int:
+        idx = keep(self, tensor, *args, **kwargs)
+        quant_params = args[4] if len(args) > 4 else kwargs.get("quant_params")
+        node = tensor if quant_params is None else quant_params.q_input
+        if is_param_node(self.exported_program, node):
+            st = get_param_tensor(self.exported_program, node).untyped_storage()
+            if st.data_ptr() in ours:
+                st.resize_(0)
+        return idx
+
+    NodeVisitor.get_serialized_buffer_index = serialize_then_free
+    try:
+        yield
+    finally:
+        NodeVisitor.get_serialized_buffer_index = keep
+
+
+class _NodeBits(collections.abc.Set):
+    """A read-only set of graph nodes stored as a bitmask over the graph's node order."""
+
+    __slots__ = ("_mask", "_nodes", "_index")
+
+    def __init__(self, mask: int, nodes: list[Node], index: dict[Node, int]):
+        self._mask, self._nodes, self._index = mask, nodes, index
+
+    def __contains__(self, node: object) -> bool:
+        i = self._index.get(node)  # type: ignore[call-overload]
+        return i is not None and bool((self._mask >> i) & 1)
+
+    def __iter__(self) -> Iterator[Node]:
+        bits = bin(self._mask)[:1:-1]  # bit i is character i
+        i = bits.find("1")
+        while i != -1:
+            yield self._nodes[i]
+            i = bits.find("1", i + 1)
+
+    def __len__(self) -> int:
+        return self._mask.bit_count()
+
+
+class BitsetDependencyViewer:
+    """Drop-in for the `_DependencyViewer`s of torch.fx's and ExecuTorch's partitioners.
+
+    Theirs store every node's transitive downstream (and upstream) nodes as a Python set: O(N^2)
+    entries, several GiB for E4B's ~20k-node graph, built up to three times. Here each is a bitmask
+    of N bits (N^2 / 8 bytes; about 50 MB); upstreams are built only if asked for.
+    """
+
+    def __init__(self, graph_module: GraphModule):
+        self._nodes = list(graph_module.graph.nodes)
+        self._index = {n: i for i, n in enumerate(self._nodes)}
+        self._down: dict[Node, int] = {}
+        for n in reversed(self._nodes):  # users come later in topological order
+            m = 0
+            for u in n.users:
+                m |= self._down[u] | (1 << self._index[u])
+            self._down[n] = m
+        self._up: dict[Node, int] | None = None
+
+    def downstreams_of(self, node: Node) -> _NodeBits:
+        """Every node that depends on `node`, transitively."""
+        return _NodeBits(self._down.get(node, 0), self._nodes, self._index)
+
+    def upstreams_of(self, node: Node) -> _NodeBits:
+        """Every node `node` depends on, transitively."""
+        if self._up is None:
+            self._up = {}
+            for n in self._nodes:
+                m = 0
+                for a in n.all_input_nodes:
+                    m |= self._up[a] | (1 << self._index[a])
+                self._up[n] = m
+        return _NodeBits(self._up.get(node, 0), self._nodes, self._index)
+
+
+@contextlib.contextmanager
+def light_dependency_viewers() -> Iterator[None]:
+    """Partitioners use `BitsetDependencyViewer` inside this block."""
+    from executorch.exir.backend.canonical_partitioners import group_partitioner
+    from torch.fx.passes.infra import partitioner
+
+    modules: list[Any] = [partitioner, group_partitioner]
+    keep = [m._DependencyViewer for m in modules]
+    for m in modules:
+        m._DependencyViewer = BitsetDependencyViewer
+    try:
+        yield
+    finally:
+        for m, k in zip(modules, keep, strict=True):
+            m._DependencyViewer = k
+
+
+@contextlib.contextmanager
+def lean_lowering(linear_weights: list[torch.Tensor]) -> Iterator[None]:
+    """All of the above; `linear_weights` are freed as soon as XNNPACK has packed them."""
+    with (
+        fx_sources_not_kept(),
+        weights_not_copied_for_xnnpack(),
+        light_dependency_viewers(),
+        freed_once_packed(linear_weights),
+    ):
+        yield
