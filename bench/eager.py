@@ -129,7 +129,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "eager.json").write_text(
+    (Path(a.out) / f"eager-{'-'.join(a.dtypes)}.json").write_text(
         json.dumps(
             {
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
