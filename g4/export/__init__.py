@@ -207,12 +207,13 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], consume: 
     buffers, and so the tree they came from, become unusable).
     """
     tables = {f"p_{name}" for name in EMBEDDING_TABLES}  # looked up by portable kernels, never packed
-    linear = [t for n, t in shim.named_buffers() if n.startswith("p_") and n not in tables and hasattr(t, "qdata")]
-    with lean_lowering(linear if consume else []):
-        return _lower(shim, opts, log, consume)
+    weights = {n: t for n, t in shim.named_buffers() if n.startswith("p_")} if consume else {}
+    linear = [t for n, t in weights.items() if n not in tables and hasattr(t, "qdata")]
+    with lean_lowering(linear):
+        return _lower(shim, opts, log, list(weights.values()) if consume else None)
 
 
-def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], consume: bool) -> Any:
+def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights: list[torch.Tensor] | None) -> Any:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
         XnnpackDynamicallyQuantizedPartitioner,
         XnnpackPartitioner,
@@ -238,8 +239,7 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], consume:
         constant_methods=metadata(shim.cfg, opts),
     )
     del ep
-    if consume:
-        weights = [t for n, t in shim.named_buffers() if n.startswith("p_")]
+    if weights is not None:
         freed = free_lowered(weights, [edge.exported_program()])
         trim_heap()
         log(f"  lower: {time.perf_counter() - t0:.1f} s, {freed / 2**30:.2f} GiB of delegated weights freed{memory()}")

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from g4.config import Config, LayerSpec
 from g4.fn.attention import ATTENTION_SCALE, Cache, init_cache, join, sdpa
-from g4.fn.model import forward
+from g4.fn.model import Attend, Join, Write, forward
 from g4.params import Params, build, leaves_with_path
 
 KV_CACHES = ("fp32", "int8")
@@ -110,10 +110,10 @@ class EtKv:
         if self.int8 is None:
             return torch.ops.llama.custom_sdpa(q, keys(k), keys(v), q_start, fm, 0.0, fm is None, ATTENTION_SCALE)
         qq, qs, qz = quantize_per_token(q)
-        _, ks, kz = (keys(t) for t in self.int8[id(k)])
-        _, vs, vz = (keys(t) for t in self.int8[id(v)])
+        kq, ks, kz = (keys(t) for t in self.int8[id(k)])  # kq is k itself
+        vq, vs, vz = (keys(t) for t in self.int8[id(v)])
         return torch.ops.llama.custom_quantized_sdpa(
-            qq, keys(k), keys(v), q_start, fm, 0.0, fm is None, ATTENTION_SCALE, qz, qs, kz, ks, vz, vs
+            qq, kq, vq, q_start, fm, 0.0, fm is None, ATTENTION_SCALE, qz, qs, kz, ks, vz, vs
         )
 
 
@@ -193,12 +193,13 @@ class Shim(nn.Module):
         torch._check(start + T <= self.max_seq_len)
         torch._check(T <= self.ring_slots)
         positions = torch.arange(start, start + T, dtype=torch.int64)
-        cache, p = self.cache(), self.params()
+        cache = self.cache()
+        hooks: tuple[Attend, Write, Join] = (sdpa, inplace_write, join)
         if self.custom_ops:
             et = EtKv(start, T, self._int8_table(cache) if self.int8 else None)
-            logits, _ = forward(
-                p, self.cfg, tokens, positions, cache, attend=et.attend, write=et.write, join=et.join, last_only=True
-            )
-        else:
-            logits, _ = forward(p, self.cfg, tokens, positions, cache, attend=sdpa, write=inplace_write, last_only=True)
+            hooks = (et.attend, et.write, et.join)
+        attend, write, join_ = hooks
+        logits, _ = forward(
+            self.params(), self.cfg, tokens, positions, cache, attend=attend, write=write, join=join_, last_only=True
+        )
         return logits[:, -1]
