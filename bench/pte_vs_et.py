@@ -1,13 +1,15 @@
 """g4's .pte against the .pte of ExecuTorch's own Gemma 4 exporter, same checkpoint, same machine.
 
-    python bench/pte_vs_et.py [--hidden 256] [--layers 10] [--quant none 8da4w] [--ctx 1024] [--out bench/results]
+    python bench/pte_vs_et.py [--hidden 256] [--layers 10] [--quant none 8da4w] [--ctx 1024] [--rounds 3]
 
 Writes one random multimodal-layout checkpoint (the layout the peer reads), exports it with both
 exporters (text decoder only, same quantization, same max context), then in fresh subprocesses
-measures export wall time and peak RSS, .pte size, load time, prefill tok/s (128 tokens), decode
-tok/s near position 128 and near the end of the context, runtime peak RSS, and the logits of both
-against the eager fp32 reference (g4.forward on the same checkpoint). Prints a markdown table and
-writes JSON with the machine, versions, config and every raw number.
+measures export wall time and peak RSS, .pte size, load time, prefill tok/s (128 tokens, best of 3),
+decode tok/s near position 128 and near the end of the context (median step), runtime peak RSS, and the
+logits of both against the eager fp32 reference (g4.forward on the same checkpoint). Prints a markdown table and
+writes JSON with the machine, versions, config and every raw number. Each .pte runs `--rounds` times,
+g4 and the peer alternating; the table shows the best of the rounds (this 2-core machine's speed
+varies by up to ~1.5x between runs minutes apart), the JSON every round.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 """
 
 RUN = """
-import json, resource, sys, time, torch
+import json, resource, statistics, sys, time, torch
 from executorch.extension.llm.custom_ops import custom_ops
 from executorch.kernels import quantized
 from executorch.runtime import Runtime
@@ -129,15 +131,15 @@ def step(tokens, start):
     return m.execute([tokens, torch.arange(start, start + T), torch.zeros(1, T, H)])[0].reshape(-1)
 gen = torch.Generator().manual_seed(0)
 prompt = torch.randint(3, cfg.vocab_size, (1, 128), generator=gen)
-t = time.perf_counter(); logits = step(prompt, 0); prefill_s = time.perf_counter() - t
+prefill_s = []
+for _ in range(3):  # the first call also pays one-time set-up; report the best of 3, keep all
+    t = time.perf_counter(); logits = step(prompt, 0); prefill_s.append(time.perf_counter() - t)
 got = [logits]
-ids = []
-t = time.perf_counter()
+ids, decode_s = [], []  # per-step times; tok/s from the median (single steps are short and noisy)
 for i in range(32):
     ids.append(int(logits.argmax()))
-    logits = step(torch.tensor([[ids[-1]]]), 128 + i)
+    t = time.perf_counter(); logits = step(torch.tensor([[ids[-1]]]), 128 + i); decode_s.append(time.perf_counter() - t)
     got.append(logits)
-decode_s = time.perf_counter() - t
 # Reference: g4.forward in fp32 on the same tokens (prefill + the .pte's own greedy tokens).
 _, params = g4.load_checkpoint(ck)
 seq = torch.cat([prompt, torch.tensor([ids])], 1)
@@ -154,12 +156,13 @@ while pos < far:
     n = min(128, far - pos)
     step(torch.randint(3, cfg.vocab_size, (1, n), generator=gen), pos)
     pos += n
-t = time.perf_counter()
+far_s = []
 for i in range(16):
-    step(torch.tensor([[5]]), pos + i)
-far_s = time.perf_counter() - t
-print(json.dumps({"load_s": load_s, "prefill_tok_s": 128 / prefill_s, "decode_tok_s_128": 32 / decode_s,
-                  "decode_tok_s_far": 16 / far_s, "far_pos": pos, "max_abs_logit_diff": diff,
+    t = time.perf_counter(); step(torch.tensor([[5]]), pos + i); far_s.append(time.perf_counter() - t)
+print(json.dumps({"load_s": load_s, "prefill_tok_s": 128 / min(prefill_s), "prefill_s": prefill_s,
+                  "decode_tok_s_128": 1 / statistics.median(decode_s), "decode_s": decode_s,
+                  "decode_tok_s_far": 1 / statistics.median(far_s), "far_s": far_s, "far_pos": pos,
+                  "max_abs_logit_diff": diff,
                   "greedy_agree_of_33": agree, "first_greedy_diff": first_diff,
                   "runtime_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
@@ -186,6 +189,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--group-size", default="32")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each .pte; the table takes the best")
     ap.add_argument("--reexport", action="store_true", help="export again even if an earlier export exists")
     a = ap.parse_args()
     cfg = bench_config(a.hidden, a.layers, a.vocab)
@@ -206,13 +210,30 @@ def main() -> None:
                 print(f"exporting {kind} {q} ...", file=sys.stderr, flush=True)
                 ex = run_child(code, str(ck), str(out), q, str(a.ctx), a.group_size, *extra)
                 done.write_text(json.dumps(ex))
-            r = {"export": ex}
-            if "error" not in ex:
-                r["pte_bytes"] = out.stat().st_size
-                r["run"] = run_child(RUN, kind, str(out), str(ck), str(a.ctx))
-            rows[(kind, q)] = r
-            print(json.dumps({kind + "/" + q: r}), file=sys.stderr, flush=True)
+            rows[(kind, q)] = {"export": ex} | ({} if "error" in ex else {"pte_bytes": out.stat().st_size})
+    for _ in range(a.rounds):  # g4 and the peer alternate, so both see the same machine state
+        for (kind, q), r in rows.items():
+            if "error" not in r["export"]:
+                pte = work / f"{kind}-{q}-c{a.ctx}.pte"
+                r.setdefault("runs", []).append(run_child(RUN, kind, str(pte), str(ck), str(a.ctx)))
+    for (kind, q), r in rows.items():
+        if r.get("runs"):
+            r["run"] = best_run(r["runs"])
+        print(json.dumps({kind + "/" + q: r}), file=sys.stderr, flush=True)
     report(cfg, a, tag, rows)
+
+
+def best_run(runs: list[dict]) -> dict:
+    """The best of several runs of one .pte: highest tok/s, lowest load time and RSS (an error wins)."""
+    if bad := [r for r in runs if "error" in r]:
+        return bad[0]
+    best = dict(runs[0])
+    for k in best:
+        if "tok_s" in k:
+            best[k] = max(r[k] for r in runs)
+        elif k in ("load_s", "runtime_peak_rss"):
+            best[k] = min(r[k] for r in runs)
+    return best
 
 
 def raw(r: dict, key: str) -> float | None:
@@ -235,7 +256,7 @@ METRICS = [
     ("export peak RSS GiB", "export_rss", "{:.2f}"),
     (".pte MiB", "size", "{:.1f}"),
     ("load s", "load_s", "{:.2f}"),
-    ("prefill tok/s (128)", "prefill_tok_s", "{:.1f}"),
+    ("prefill tok/s (128, best of 3)", "prefill_tok_s", "{:.1f}"),
     ("decode tok/s @128", "decode_tok_s_128", "{:.1f}"),
     ("decode tok/s near end", "decode_tok_s_far", "{:.1f}"),
     ("runtime peak RSS GiB", "runtime_peak_rss", "{:.2f}"),
