@@ -10,6 +10,10 @@
    (with its scales), the LM head, one row of each embedding table, and the KV cache each layer reads
    at position `--pos`.
 3. Runs the .pte for 32 decode steps at `--pos` and prints tok/s against the bound.
+4. The kernel's own limit: a .pte holding only one linear of the model's largest shape (the LM head)
+   with the same quantization, lowered to XNNPACK the same way, run for one token at a time. The
+   weight bytes it reads per second are what XNNPACK's GEMV reaches on this machine; a whole decode
+   step cannot read faster than that.
 """
 
 from __future__ import annotations
@@ -55,15 +59,45 @@ def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
     return nbytes / best
 
 
+def kernel_bandwidth(rows: int, cols: int, quantize: str, group: int, reps: int = 20) -> float:
+    """Weight bytes per second XNNPACK's one-token linear reads: a .pte of one `[rows, cols]` linear."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+
+    from g4.export.quant import quantize_linear
+
+    lin = torch.nn.Linear(cols, rows, bias=False)
+    w = torch.randn(rows, cols) * cols**-0.5
+    lin.weight = torch.nn.Parameter(quantize_linear(w, quantize, group), requires_grad=False)
+    del w
+    x = torch.randn(1, 1, cols)
+    with torch.no_grad():
+        ep = torch.export.export(lin, (x,))
+    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    del lin, ep
+    m = Runtime.get().load_program(prog.buffer).load_method("forward")
+    del prog
+    m.execute([x])
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        m.execute([x])
+        best = min(best, time.perf_counter() - t)
+    return linear_bytes(rows * cols, rows, quantize, group) / best
+
+
+def linear_bytes(n: int, rows: int, quantize: str, group: int) -> float:
+    """Bytes of an `n`-element linear weight with its scales."""
+    if quantize == "8da4w":
+        return n * 0.5 + (n / group) * 4  # int4 + fp32 scale per group
+    if quantize == "8da8w":
+        return n + rows * 4
+    return n * 4
+
+
 def bytes_per_token(cfg: g4.Config, quantize: str, emb_bits: int, group: int, pos: int, ring: int) -> dict:
     """What one decode step reads, by part."""
-
-    def linear_bytes(n: int, rows: int) -> float:
-        if quantize == "8da4w":
-            return n * 0.5 + (n / group) * 4  # int4 + fp32 scale per group
-        if quantize == "8da8w":
-            return n + rows * 4
-        return n * 4
 
     parts = {"linear": 0.0, "lm_head": 0.0, "embedding_rows": 0.0, "kv_cache": 0.0}
     for path, shape in param_shapes(cfg).items():
@@ -71,9 +105,9 @@ def bytes_per_token(cfg: g4.Config, quantize: str, emb_bits: int, group: int, po
         if path in ("embed_tokens", "embed_tokens_per_layer"):
             parts["embedding_rows"] += shape[1] * (emb_bits / 8 if emb_bits else 4)
             if path == "embed_tokens":
-                parts["lm_head"] += linear_bytes(n, shape[0])
+                parts["lm_head"] += linear_bytes(n, shape[0], quantize, group)
         elif len(shape) == 2:
-            parts["linear"] += linear_bytes(n, shape[0])
+            parts["linear"] += linear_bytes(n, shape[0], quantize, group)
         else:
             parts["linear"] += n * 4
     for s in cfg.layers[: cfg.first_shared]:
@@ -111,6 +145,9 @@ def main() -> None:
         model.step([5], a.pos + i)
     tok_s = 32 / (time.perf_counter() - t)
     limit = bw / total
+    del model
+    kernel_bw = kernel_bandwidth(cfg.vocab_size, cfg.hidden_size, a.quantize, a.group_size)
+    kernel_limit = kernel_bw / total
     rec = {
         "bandwidth_GBps": bw / 1e9,
         "copy_GBps": copy_bw / 1e9,
@@ -120,13 +157,19 @@ def main() -> None:
         "limit_tok_s": limit,
         "decode_tok_s": tok_s,
         "fraction_of_limit": tok_s / limit,
+        "kernel_GBps": kernel_bw / 1e9,
+        "kernel_limit_tok_s": kernel_limit,
+        "fraction_of_kernel_limit": tok_s / kernel_limit,
         "threads": torch.get_num_threads(),
         "command": " ".join(sys.argv),
     }
-    print("| copy / read bandwidth | bytes/token | bound tok/s | measured tok/s | fraction |\n|---|---|---|---|---|")
+    print(
+        "| copy / read bandwidth | bytes/token | bound tok/s | measured tok/s | fraction "
+        "| XNNPACK linear alone | its bound tok/s | fraction |\n|---|---|---|---|---|---|---|---|"
+    )
     print(
         f"| {copy_bw / 1e9:.1f} / {read_bw / 1e9:.1f} GB/s | {total / 1e6:.1f} MB | {limit:.1f} | {tok_s:.1f} | "
-        f"{tok_s / limit:.0%} |"
+        f"{tok_s / limit:.0%} | {kernel_bw / 1e9:.1f} GB/s | {kernel_limit:.1f} | {tok_s / kernel_limit:.0%} |"
     )
     print(json.dumps(rec))
 

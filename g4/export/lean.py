@@ -1,7 +1,7 @@
-"""ExecuTorch lowering, lean on memory: fixes scoped to one export (`lean_lowering`).
+"""ExecuTorch lowering, lean on memory and time: fixes scoped to one export (`lean_lowering`).
 
 ExecuTorch 1.5.1 and torch.fx hold several whole-graph or whole-model copies while lowering a large
-graph to XNNPACK. Each fix below is a context manager that patches one library function for the
+graph to XNNPACK, and copy provenance records quadratically. Each fix below is a context manager that patches one library function for the
 duration of the export and restores it after; none changes the lowered program (tests compare the
 .pte with the eager forward). Measured on full E2B/E4B exports (README, Performance).
 """
