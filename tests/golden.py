@@ -71,6 +71,9 @@ def render(data: dict[str, Any]) -> str:
         elif isinstance(v, torch.Tensor):
             assert not v.is_floating_point(), f"{name}: wrap float tensors in Approx(...)"
             out.append(f"== {name} shape={list(v.shape)} dtype={v.dtype}: {v.flatten().tolist()}")
+        elif isinstance(v, dict):  # one line per key, so a diff names the key
+            out.append(f"== {name}")
+            out += [f"{k}: {x!r}" for k, x in v.items()]
         else:
             out.append(f"== {name}: {v!r}")
     return "\n".join(out) + "\n"
@@ -98,8 +101,9 @@ def differences(new: str, old: str) -> Iterator[str]:
     for key in a.keys() & b.keys():
         if a[key] == b[key]:
             continue
-        if key.startswith("== "):  # exact entries
-            yield f"{key[3:]}: golden rows {b[key]}, now {a[key]}"
+        if key.startswith("== "):  # exact entries: the lines that differ
+            gone, added = [x for x in b[key] if x not in a[key]], [x for x in a[key] if x not in b[key]]
+            yield f"{key[3:]}: golden {gone}, now {added}" if gone or added else f"{key[3:]}: order changed"
             continue
         m = re.match(r"## (\S+) .*rtol=(\S+) atol=(\S+)", key)
         assert m is not None, key

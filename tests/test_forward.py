@@ -280,3 +280,23 @@ def test_last_only_skips_nothing_that_matters():
         b, cache_b = g4.forward(params, cfg, tokens[:, t0:t1], torch.arange(t0, t1), cache_b, last_only=True)
         assert rel(b, a[:, -1:]) <= 1e-5
         assert all(torch.equal(x, y) for x, y in zip(cache_a.k, cache_b.k, strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_by_matmul_is_exactly_rotate_half(dtype):
+    # The exporter's rotate-half (a 2x2 matmul XNNPACK can take) must equal HF's cat(-x2, x1) bit for bit.
+    from functools import partial
+
+    from g4.fn.rope import rotate_half, rotate_half_by_matmul, rotate_half_matrix
+
+    x = torch.randn(2, 5, 3, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    by_matmul = partial(rotate_half_by_matmul, rot=rotate_half_matrix(dtype))
+    x1, x2 = x[..., :8], x[..., 8:]
+    assert torch.equal(rotate_half(x), torch.cat([-x2, x1], -1))
+    assert torch.equal(by_matmul(x), rotate_half(x))
+    cfg = CASES["e2b-like"]
+    params = g4.tree_map(lambda t: t.to(dtype), g4.init_params(cfg, seed=4))
+    tokens = prompt(cfg)
+    want, _ = g4.forward(params, cfg, tokens, torch.arange(PROMPT))
+    got, _ = g4.forward(params, cfg, tokens, torch.arange(PROMPT), rotate=by_matmul)
+    assert torch.equal(got, want)

@@ -1,5 +1,8 @@
 """Golden snapshots (golden/test_golden/*.txt) of every function in g4/fn, the tiny model and its .pte."""
 
+import collections
+from pathlib import Path
+
 import attrs
 import pytest
 import torch
@@ -9,7 +12,7 @@ import g4
 from g4.config import FULL, SLIDING
 from g4.fn import apply_rope, embed, inv_freq, mask, per_layer_inputs, rms_norm, rope_table
 from g4.fn.model import finish_layer, project_kv, project_q
-from g4.fn.rope import rotate_half_matrix
+from g4.fn.rope import rotate_half
 from g4.params import param_shapes
 from golden import Approx, GoldenExtension, differences, render
 
@@ -90,7 +93,7 @@ def test_decoder_layer(golden, params, layer):
     cos, sin = rope_table(
         torch.arange(T), inv_freq(spec.head_dim, spec.rope_theta, spec.partial_rotary_factor), torch.float32
     )
-    rope = (cos, sin, rotate_half_matrix(torch.float32))
+    rope = (cos, sin, rotate_half)
     x = rms_norm(h, p.input_layernorm)
     q = project_q(p.self_attn, spec, x, rope, CFG.rms_norm_eps)
     donor = params.layers[spec.kv_source]
@@ -157,16 +160,45 @@ def pte_logits(path, tokens):
 PTE_TOKENS = torch.randint(0, CFG.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
 
 
+def program(path) -> dict:
+    """The .pte's `forward`: its XNNPACK delegate calls and each kernel that runs outside them, counted.
+
+    An op that falls out of the delegate (a new graph op XNNPACK cannot take) shows up here.
+    """
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    pte = deserialize_pte_binary(Path(path).read_bytes())
+    plan = next(p for p in getattr(pte, "program", pte).execution_plan if p.name == "forward")
+    calls: collections.Counter = collections.Counter()
+    for ins in plan.chains[0].instructions:
+        kind, args = type(ins.instr_args).__name__, ins.instr_args
+        if kind == "DelegateCall":
+            calls["xnnpack delegate"] += 1
+        elif kind == "KernelCall":
+            op = plan.operators[args.op_index]
+            calls[f"{op.name}.{op.overload}"] += 1
+    return dict(sorted(calls.items()))
+
+
 def test_tiny_pte_fp32(golden, pte_fp32):
     logits = pte_logits(pte_fp32, PTE_TOKENS)
     # XNNPACK's kernels differ from eager by ~1e-5 and may change with the runtime: looser.
-    assert golden == {"context": CTX, "logits": Approx(logits, rtol=1e-4, atol=1e-4), "argmax": logits.argmax(-1)}
+    assert golden == {
+        "context": CTX,
+        "logits": Approx(logits, rtol=1e-4, atol=1e-4),
+        "argmax": logits.argmax(-1),
+        "program": program(pte_fp32),
+    }
 
 
 def test_tiny_pte_8da4w(golden, pte_8da4w):
     logits = pte_logits(pte_8da4w[0], PTE_TOKENS)
     # Dynamic int8 activation quantization rounds at kernel level: looser still.
-    assert golden == {"logits": Approx(logits, rtol=1e-3, atol=1e-3), "argmax": logits.argmax(-1)}
+    assert golden == {
+        "logits": Approx(logits, rtol=1e-3, atol=1e-3),
+        "argmax": logits.argmax(-1),
+        "program": program(pte_8da4w[0]),
+    }
 
 
 # --- the extension itself -----------------------------------------------------------------------------
@@ -187,6 +219,9 @@ def test_extension_tolerance_and_shape():
     old = render({"x": Approx(t), "ids": [1, 2, 3]})
     assert not list(differences(render({"x": Approx(t * (1 + 2e-6)), "ids": [1, 2, 3]}), old))  # within rtol
     assert list(differences(render({"x": Approx(t), "ids": [1, 2, 4]}), old))  # exact entries are exact
+    calls = {"xnnpack delegate": 9, "llama::custom_sdpa.out": 4}
+    moved = list(differences(render({"calls": calls | {"aten::cat.out": 2}}), render({"calls": calls})))
+    assert moved == ["calls: golden [], now ['aten::cat.out: 2']"]
     shape = list(differences(render({"x": Approx(t[:2]), "ids": [1, 2, 3]}), old))
     assert any("missing now: ## x shape=[3, 5]" in d for d in shape)
     assert list(differences(render({"x": Approx(t, rtol=1e-3)}), render({"x": Approx(t)})))  # tolerance is data

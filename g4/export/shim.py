@@ -14,6 +14,7 @@ tree in `forward(tokens, input_pos)` and calls `g4.forward` with swapped-in hook
 
 from __future__ import annotations
 
+import functools
 from typing import cast
 
 import attrs
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from g4.config import Config, LayerSpec
 from g4.fn.attention import ATTENTION_SCALE, Cache, init_cache, join, sdpa
 from g4.fn.model import Attend, Join, Write, forward
+from g4.fn.rope import rotate_half_by_matmul, rotate_half_matrix
 from g4.params import Params, build, leaves_with_path
 
 KV_CACHES = ("fp32", "int8")
@@ -199,7 +201,18 @@ class Shim(nn.Module):
             et = EtKv(start, T, self._int8_table(cache) if self.int8 else None)
             hooks = (et.attend, et.write, et.join)
         attend, write, join_ = hooks
+        params = self.params()
+        rot = rotate_half_matrix(params.norm.dtype)  # built once per call, used by every layer
         logits, _ = forward(
-            self.params(), self.cfg, tokens, positions, cache, attend=attend, write=write, join=join_, last_only=True
+            params,
+            self.cfg,
+            tokens,
+            positions,
+            cache,
+            attend=attend,
+            write=write,
+            join=join_,
+            rotate=functools.partial(rotate_half_by_matmul, rot=rot),
+            last_only=True,
         )
         return logits[:, -1]

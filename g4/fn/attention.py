@@ -41,7 +41,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, m: Tensor, spec: LayerSpec | None = No
     vt = v.transpose(1, 2)[:, :, None]
     s = (qg @ kt.transpose(-1, -2)) * ATTENTION_SCALE  # [B, nkv, g, T, S]
     s = s.masked_fill(~m, torch.finfo(s.dtype).min)
-    p = torch.softmax(s.float(), dim=-1).to(q.dtype)
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
     return (p @ vt).reshape(B, nq, T, d).transpose(1, 2)
 
 

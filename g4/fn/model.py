@@ -11,7 +11,7 @@ from torch import Tensor
 from g4.config import FULL, SLIDING, Config, LayerSpec
 from g4.fn.attention import Cache, join, mask, sdpa, write
 from g4.fn.ops import gelu, mlp, rms_norm, softcap
-from g4.fn.rope import apply_rope, inv_freq, rope_table, rotate_half_matrix
+from g4.fn.rope import apply_rope, inv_freq, rope_table, rotate_half
 from g4.params import Attention, Layer, Params
 
 PLE_COMBINE_SCALE = 2**-0.5  # (context projection + token table) / sqrt(2)
@@ -39,7 +39,8 @@ def per_layer_inputs(p: Params, cfg: Config, tokens: Tensor, h0: Tensor) -> Tens
     return (proj + tok) * PLE_COMBINE_SCALE
 
 
-Rope = tuple[Tensor, Tensor, Tensor]  # cos, sin, rotate-half matrix
+Rotate = Callable[[Tensor], Tensor]
+Rope = tuple[Tensor, Tensor, Rotate]  # cos, sin, rotate_half
 
 
 def project_q(p: Attention, spec: LayerSpec, x: Tensor, rope: Rope, eps: float) -> Tensor:
@@ -106,14 +107,16 @@ def forward(
     attend: Attend = sdpa,
     write: Write = write,
     join: Join = join,
+    rotate: Rotate = rotate_half,
     last_only: bool = False,
 ) -> tuple[Tensor, Cache | None]:
     """Logits `[B, T, V]` (`[B, 1, V]` with last_only) and the updated cache.
 
     tokens `[B, T]` int64, positions `[T]` int64 absolute positions shared by the batch. Without a
     cache this is a plain causal forward; with one, prefill of any length and one-token decode are
-    the same call. `attend(q, k, v, mask, spec)`, `write(buf, slots, new)` and `join(new, ring)`
-    can be swapped (the exporter passes ExecuTorch's fused, in-place and int8-cache versions).
+    the same call. `attend(q, k, v, mask, spec)`, `write(buf, slots, new)`, `join(new, ring)` and
+    `rotate(x)` can be swapped (the exporter passes ExecuTorch's fused, in-place and int8-cache
+    versions, and a rotate-half that XNNPACK can take).
     """
     check_inputs(cfg, tokens, positions, cache)
     dt = params.embed_tokens.dtype
@@ -123,9 +126,8 @@ def forward(
 
     # Once per layer type: RoPE tables, key positions, masks.
     first = {t: cfg.layers[cfg.layer_types.index(t)] for t in set(cfg.layer_types)}
-    rot = rotate_half_matrix(dt)
     rope = {
-        t: (*rope_table(positions, inv_freq(s.head_dim, s.rope_theta, s.partial_rotary_factor), dt), rot)
+        t: (*rope_table(positions, inv_freq(s.head_dim, s.rope_theta, s.partial_rotary_factor), dt), rotate)
         for t, s in first.items()
     }
     new_cache = cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -27,6 +29,12 @@ def rope_table(positions: Tensor, freqs: Tensor, dtype: torch.dtype) -> tuple[Te
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim (HF's rotate_half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
 def rotate_half_matrix(dtype: torch.dtype) -> Tensor:
     """[[0, -1], [1, 0]], built from ops rather than a tensor constant (ExecuTorch 1.5.1 mishandles
     lifted tensor constants inside XNNPACK partitions); build it once per forward."""
@@ -34,16 +42,16 @@ def rotate_half_matrix(dtype: torch.dtype) -> Tensor:
     return torch.stack([torch.stack([z, -o]), torch.stack([o, z])])
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rot: Tensor | None = None) -> Tensor:
-    """Rotate-half RoPE on `x [B, T, heads, d]`, in x's dtype (HF rotates in the activation dtype).
-
-    rotate_half, (x1, x2) -> (-x2, x1) on the two halves, is a 2x2 matmul over the pair axis rather
-    than slicing: XNNPACK cannot slice tensors of dynamic length (the prefill length). The matrix
-    entries are 0 and +-1, so the result is exactly HF's cat(-x2, x1). `rot`: `rotate_half_matrix(x.dtype)`.
-    """
-    rot = rotate_half_matrix(x.dtype) if rot is None else rot
+def rotate_half_by_matmul(x: Tensor, rot: Tensor) -> Tensor:
+    """`rotate_half` as a 2x2 matmul over the pair axis, for export: XNNPACK cannot slice tensors of
+    dynamic length (the prefill length). `rot` is `rotate_half_matrix(x.dtype)`; its entries are 0
+    and +-1, so the result is exactly `rotate_half(x)` (slower eagerly: a matmul with K = 2)."""
     pairs = x.unflatten(-1, (2, -1)).transpose(-1, -2)  # [B, T, h, d/2, 2]: (x1[t], x2[t])
     # A 2-D matmul ([N, 2] x [2, 2]); a 5-D one would lower to a batched matmul over a broadcast weight.
     rotated = torch.nn.functional.linear(pairs.reshape(-1, 2), rot).view(pairs.shape)
-    rotated = rotated.transpose(-1, -2).flatten(-2)
-    return x * cos + rotated * sin
+    return rotated.transpose(-1, -2).flatten(-2)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rotate: Callable[[Tensor], Tensor] = rotate_half) -> Tensor:
+    """Rotate-half RoPE on `x [B, T, heads, d]`, in x's dtype (HF rotates in the activation dtype)."""
+    return x * cos + rotate(x) * sin
