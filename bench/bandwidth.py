@@ -74,10 +74,10 @@ def kernel_bandwidth(rows: int, cols: int, quantize: str, group: int, reps: int 
     x = torch.randn(1, 1, cols)
     with torch.no_grad():
         ep = torch.export.export(lin, (x,))
-    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    buf = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
     del lin, ep
-    m = Runtime.get().load_program(prog.buffer).load_method("forward")
-    del prog
+    prog = Runtime.get().load_program(buf)  # refers to `buf` and `prog`: both stay alive while it runs
+    m = prog.load_method("forward")
     m.execute([x])
     best = math.inf
     for _ in range(reps):
