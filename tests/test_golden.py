@@ -176,7 +176,7 @@ def program(path) -> dict:
             calls["xnnpack delegate"] += 1
         elif kind == "KernelCall":
             op = plan.operators[args.op_index]
-            calls[f"{op.name}.{op.overload}"] += 1
+            calls[f"{op.name}.{op.overload}" if op.overload else op.name] += 1
     return dict(sorted(calls.items()))
 
 
