@@ -1,9 +1,10 @@
 """ExecuTorch lowering, lean on memory and time: fixes scoped to one export (`lean_lowering`).
 
 ExecuTorch 1.5.1 and torch.fx hold several whole-graph or whole-model copies while lowering a large
-graph to XNNPACK, and copy provenance records quadratically. Each fix below is a context manager that patches one library function for the
-duration of the export and restores it after; none changes the lowered program (tests compare the
-.pte with the eager forward). Measured on full E2B/E4B exports (README, Performance).
+graph to XNNPACK, and copy provenance records quadratically. Each fix below is a context manager
+that patches one library function for the duration of the export and restores it after; none
+changes the lowered program (tests compare the .pte with the eager forward). Measured on full
+E2B/E4B exports (README, Performance).
 """
 
 from __future__ import annotations
