@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from g4.export.quant import EMBEDDING_TABLES
 from g4.params import param_shapes
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
@@ -102,7 +103,7 @@ def bytes_per_token(cfg: g4.Config, quantize: str, emb_bits: int, group: int, po
     parts = {"linear": 0.0, "lm_head": 0.0, "embedding_rows": 0.0, "kv_cache": 0.0}
     for path, shape in param_shapes(cfg).items():
         n = math.prod(shape)
-        if path in ("embed_tokens", "embed_tokens_per_layer"):
+        if path in EMBEDDING_TABLES:
             parts["embedding_rows"] += shape[1] * (emb_bits / 8 if emb_bits else 4)
             if path == "embed_tokens":
                 parts["lm_head"] += linear_bytes(n, shape[0], quantize, group)

@@ -200,10 +200,14 @@ def main() -> None:
         g4.write_random_checkpoint(cfg, ck, seed=0, dtype=__import__("torch").float32, multimodal=True)
     variant = et_variant_json(cfg, work / "et_variant")
     rows = {}
+
+    def pte(kind: str, q: str) -> Path:
+        return work / f"{kind}-{q}-c{a.ctx}.pte"
+
     for q in a.quant:
         for kind, code, extra in (("g4", EXPORT_G4, ()), ("executorch", EXPORT_ET, (variant,))):
-            out = work / f"{kind}-{q}-c{a.ctx}.pte"
-            done = work / f"{kind}-{q}-c{a.ctx}.export.json"  # an earlier run's export of this exact file
+            out = pte(kind, q)
+            done = out.with_suffix(".export.json")  # an earlier run's export of this exact file
             if out.exists() and done.exists() and not a.reexport:
                 ex = json.loads(done.read_text())
             else:
@@ -214,8 +218,7 @@ def main() -> None:
     for _ in range(a.rounds):  # g4 and the peer alternate, so both see the same machine state
         for (kind, q), r in rows.items():
             if "error" not in r["export"]:
-                pte = work / f"{kind}-{q}-c{a.ctx}.pte"
-                r.setdefault("runs", []).append(run_child(RUN, kind, str(pte), str(ck), str(a.ctx)))
+                r.setdefault("runs", []).append(run_child(RUN, kind, str(pte(kind, q)), str(ck), str(a.ctx)))
     for (kind, q), r in rows.items():
         if r.get("runs"):
             r["run"] = best_run(r["runs"])
