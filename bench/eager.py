@@ -23,8 +23,8 @@ import torch
 import transformers
 
 import g4
-from g4.checkpoint import to_hf_state_dict
 from g4.config import FULL, SLIDING
+from g4.hf import config_to_hf, to_hf_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +39,7 @@ def config(layers: int) -> g4.Config:
 
 def hf_sharing(cfg: g4.Config, params: g4.Params, dtype: torch.dtype) -> transformers.Gemma4ForCausalLM:
     """The reference model holding g4's tensors (no copy)."""
-    hc = transformers.Gemma4TextConfig(**cfg.to_hf())
+    hc = transformers.Gemma4TextConfig(**config_to_hf(cfg))
     hc._attn_implementation = "sdpa"
     with torch.device("meta"):
         m = transformers.Gemma4ForCausalLM(hc)
@@ -134,7 +134,7 @@ def main() -> None:
             {
                 "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-                "config": cfg.to_hf(),
+                "config": config_to_hf(cfg),
                 "command": " ".join(sys.argv),
                 "results": results,
                 "table": text,

@@ -21,12 +21,12 @@ import torch
 import transformers
 
 import g4
-from g4.checkpoint import to_hf_state_dict
+from g4.hf import config_to_hf, to_hf_state_dict
 
 
 def reference(cfg: g4.Config, params: g4.Params, device: str) -> transformers.Gemma4ForCausalLM:
     """The HF model holding g4's tensors (eager attention, as the spec's reference)."""
-    hc = transformers.Gemma4TextConfig(**cfg.to_hf())
+    hc = transformers.Gemma4TextConfig(**config_to_hf(cfg))
     hc._attn_implementation = "eager"
     with torch.device("meta"):
         m = transformers.Gemma4ForCausalLM(hc)

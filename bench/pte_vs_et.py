@@ -27,6 +27,7 @@ import attrs
 
 import g4
 from g4.config import FULL, SLIDING
+from g4.hf import config_to_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("G4_BENCH_DIR", "/tmp/g4-bench"))
@@ -300,7 +301,7 @@ def report(cfg: g4.Config, a: argparse.Namespace, tag: str, rows: dict) -> None:
             "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
         },
         "versions": versions(),
-        "config": cfg.to_hf(),
+        "config": config_to_hf(cfg),
         "ctx": a.ctx,
         "group_size": a.group_size,
         "command": " ".join(sys.argv),

@@ -2,20 +2,23 @@
 
 from g4.checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
 from g4.config import CONFIGS, Config, ConfigError, LayerSpec
-from g4.fn import Cache, forward, init_cache
+from g4.fn import EAGER, Q8, Cache, Hooks, forward, init_cache
 from g4.generation import EagerModel, PteModel, Sampler, generate
 from g4.params import Params, init_params, tree_map
 
 __all__ = [
     "CONFIGS",
+    "EAGER",
     "Cache",
     "CheckpointError",
     "Config",
     "ConfigError",
     "EagerModel",
+    "Hooks",
     "LayerSpec",
     "Params",
     "PteModel",
+    "Q8",
     "Sampler",
     "forward",
     "generate",

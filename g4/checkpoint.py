@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: lean, safe loading into the parameter tree, and random full-size writers.
 
-The one place that maps checkpoint names to tree paths is `hf_name` (plus the prefix of the layout).
+Names and config fields are translated in `g4.hf` (`hf_name` plus the prefix of the layout).
 Only safetensors are read (memory-mapped, one tensor at a time); pickle files are never opened.
 """
 
@@ -26,13 +26,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from g4.config import CONFIGS, Config, ConfigError
-from g4.params import Params, build, init_value, leaves_with_path, param_shapes
+from g4.hf import MM_IGNORED, MM_PREFIX, SHARED_KV_IGNORED, TEXT_PREFIX, config_from_hf, config_to_hf, hf_name
+from g4.params import Params, build, init_value, param_shapes
 
-TEXT_PREFIX = "model."  # Gemma4ForCausalLM
-MM_PREFIX = "model.language_model."  # Gemma4ForConditionalGeneration (hub -it and base checkpoints)
-MM_IGNORED = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
-# KV-shared layers still carry these in hub checkpoints; the reference never uses them.
-SHARED_KV_IGNORED = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -42,23 +38,13 @@ class CheckpointError(ValueError):
     """A checkpoint g4 cannot load; the message names the file and tensor or field at fault."""
 
 
-def hf_name(path: str) -> str:
-    """Tree path -> text-decoder key without prefix: `layers.0.self_attn.q_proj` -> `...q_proj.weight`."""
-    return path if path.endswith("layer_scalar") else path + ".weight"
-
-
-def to_hf_state_dict(params: Params, prefix: str = TEXT_PREFIX) -> dict[str, Tensor]:
-    """The tree as a Hugging Face state dict (tied lm_head not included)."""
-    return {prefix + hf_name(p): t for p, t in leaves_with_path(params)}
-
-
 def read_config(path: str | os.PathLike) -> Config:
     """The `Config` of a checkpoint folder's `config.json`."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise CheckpointError(f"{file}: not found (expected a Hugging Face Gemma 4 checkpoint folder)")
     try:
-        return Config.from_hf(json.loads(file.read_text()))
+        return config_from_hf(json.loads(file.read_text()))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
     except ConfigError as e:
@@ -315,7 +301,7 @@ def write_random_checkpoint(
         "weight_map": {k: n for n, t in zip(names, shards, strict=True) for k, _, _ in t},
     }
     atomic_write(out / INDEX, lambda f: f.write_text(json.dumps(index, indent=2)))
-    hf = cfg.to_hf() | {"dtype": str(dtype).removeprefix("torch.")}
+    hf = config_to_hf(cfg) | {"dtype": str(dtype).removeprefix("torch.")}
     if multimodal:
         hf = {
             "architectures": ["Gemma4ForConditionalGeneration"],

@@ -3,13 +3,13 @@
 Field names follow Hugging Face `Gemma4TextConfig` where one exists. Three fields are flat
 where HF nests them under `rope_parameters` (as Gemma 3 named them): `rope_local_base_freq`
 (sliding layers, "default" RoPE), `rope_theta` and `partial_rotary_factor` (full layers,
-"proportional" RoPE).
+"proportional" RoPE). Reading and writing `config.json` is `g4.hf`'s job.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -42,7 +42,8 @@ class LayerSpec:
         return self.type == SLIDING
 
 
-def _tuple(x: Any) -> tuple:
+def _tuple(x: Iterable[Any]) -> tuple[Any, ...]:
+    """attrs converter: a list from config.json becomes a tuple (a plain `tuple` converter defeats mypy)."""
     return tuple(x)
 
 
@@ -95,9 +96,8 @@ class Config:
                 f"layer_types / num_kv_shared_layers: KV-shared layers of type {missing} have no donor "
                 f"(no non-shared layer of that type before layer {self.first_shared})"
             )
-        for name in ("num_key_value_heads",):
-            if self.num_attention_heads % getattr(self, name):
-                raise ConfigError(f"num_attention_heads must be a multiple of {name}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
 
     @property
     def first_shared(self) -> int:
@@ -130,128 +130,6 @@ class Config:
                 )
             )
         return tuple(specs)
-
-    @property
-    def kv_source(self) -> tuple[int, ...]:
-        """The donor map: layer i attends to the K/V of layer kv_source[i]."""
-        return tuple(s.kv_source for s in self.layers)
-
-    @classmethod
-    def from_hf(cls, d: Mapping[str, Any]) -> Config:
-        """Reads a Hugging Face `config.json` dict (multimodal `Gemma4Config` or `Gemma4TextConfig`)."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
-        model_type = d.get("model_type")
-        if model_type == "gemma4":
-            if not isinstance(d.get("text_config"), Mapping):
-                raise ConfigError("config.json: model_type 'gemma4' without a 'text_config' object")
-            d = d["text_config"]
-            model_type = d.get("model_type", "gemma4_text")
-        if model_type != "gemma4_text":
-            raise ConfigError(
-                f"config.json: model_type {model_type!r} is not Gemma 4 (expected 'gemma4' or 'gemma4_text')"
-            )
-
-        def need(key: str) -> Any:
-            if d.get(key) is None:
-                raise ConfigError(f"config.json: missing field {key!r}")
-            return d[key]
-
-        n_layers = int(need("num_hidden_layers"))
-        layer_types = list(d.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(n_layers)])
-        layer_types[-1] = FULL  # HF forces the last layer to full attention
-        if d.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-            raise ConfigError(f"config.json: hidden_activation {d['hidden_activation']!r} is not supported")
-        if d.get("attention_bias"):
-            raise ConfigError("config.json: attention_bias=true is not supported")
-        if d.get("use_bidirectional_attention") == "all":
-            raise ConfigError("config.json: use_bidirectional_attention='all' is not supported")
-
-        rope = d.get("rope_parameters") or {}
-        sliding_rope = rope.get(SLIDING, {"rope_type": "default", "rope_theta": 10_000.0})
-        full_rope = rope.get(FULL, {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.25})
-        if sliding_rope.get("rope_type", "default") != "default":
-            raise ConfigError(f"config.json: rope_parameters.{SLIDING}.rope_type must be 'default'")
-        if full_rope.get("rope_type") != "proportional" or full_rope.get("factor", 1.0) != 1.0:
-            raise ConfigError(f"config.json: rope_parameters.{FULL} must be 'proportional' without factor")
-
-        # Full-layer head_dim: flat `global_head_dim` (hub files) or HF 5.x's `per_layer_config`.
-        global_head_dim = d.get("global_head_dim")
-        for i, over in (d.get("per_layer_config") or {}).items():
-            hd = over.get("head_dim")
-            if hd is not None:
-                if global_head_dim not in (None, hd):
-                    raise ConfigError(f"config.json: per_layer_config[{i}].head_dim={hd} differs from others")
-                global_head_dim = hd
-        eos = need("eos_token_id") if "eos_token_id" in d else 1
-        return cls(
-            vocab_size=int(need("vocab_size")),
-            hidden_size=int(need("hidden_size")),
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=n_layers,
-            num_attention_heads=int(need("num_attention_heads")),
-            num_key_value_heads=int(need("num_key_value_heads")),
-            head_dim=int(need("head_dim")),
-            global_head_dim=int(global_head_dim if global_head_dim is not None else 512),
-            layer_types=layer_types,
-            sliding_window=int(need("sliding_window")),
-            num_kv_shared_layers=int(d.get("num_kv_shared_layers") or 0),
-            hidden_size_per_layer_input=int(d.get("hidden_size_per_layer_input") or 0),
-            vocab_size_per_layer_input=int(d.get("vocab_size_per_layer_input") or d["vocab_size"]),
-            use_double_wide_mlp=bool(d.get("use_double_wide_mlp", False)),
-            final_logit_softcapping=d.get("final_logit_softcapping"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_local_base_freq=float(sliding_rope.get("rope_theta", 10_000.0)),
-            rope_theta=float(full_rope.get("rope_theta", 1e6)),
-            partial_rotary_factor=float(full_rope.get("partial_rotary_factor", 1.0)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 131_072)),
-            pad_token_id=int(d.get("pad_token_id") or 0),
-            eos_token_id=eos if isinstance(eos, list) else [eos],
-            bos_token_id=int(d.get("bos_token_id", 2)),
-            attention_k_eq_v=bool(d.get("attention_k_eq_v", False)),
-            num_global_key_value_heads=d.get("num_global_key_value_heads"),
-            enable_moe_block=bool(d.get("enable_moe_block", False)),
-        )
-
-    def to_hf(self) -> dict[str, Any]:
-        """The text-only Hugging Face `config.json` dict (`Gemma4ForCausalLM`)."""
-        return {
-            "architectures": ["Gemma4ForCausalLM"],
-            "model_type": "gemma4_text",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "global_head_dim": self.global_head_dim,
-            "layer_types": list(self.layer_types),
-            "sliding_window": self.sliding_window,
-            "num_kv_shared_layers": self.num_kv_shared_layers,
-            "hidden_size_per_layer_input": self.hidden_size_per_layer_input,
-            "vocab_size_per_layer_input": self.vocab_size_per_layer_input,
-            "use_double_wide_mlp": self.use_double_wide_mlp,
-            "final_logit_softcapping": self.final_logit_softcapping,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_parameters": {
-                SLIDING: {"rope_type": "default", "rope_theta": self.rope_local_base_freq},
-                FULL: {
-                    "rope_type": "proportional",
-                    "partial_rotary_factor": self.partial_rotary_factor,
-                    "rope_theta": self.rope_theta,
-                },
-            },
-            "max_position_embeddings": self.max_position_embeddings,
-            "hidden_activation": "gelu_pytorch_tanh",
-            "attention_bias": False,
-            "attention_k_eq_v": False,
-            "enable_moe_block": False,
-            "tie_word_embeddings": True,
-            "pad_token_id": self.pad_token_id,
-            "eos_token_id": list(self.eos_token_id),
-            "bos_token_id": self.bos_token_id,
-        }
 
 
 def _pattern(n_sliding: int, repeats: int) -> tuple[str, ...]:

@@ -174,15 +174,14 @@ def build(cfg: Config, get: Callable[[str, tuple[int, ...]], Tensor]) -> Params:
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
-        a = p + "self_attn."
         layers.append(
             Layer(
-                self_attn=Attention(*(g(a + n) for n in attrs.fields_dict(Attention))),
-                mlp=Mlp(*(g(p + "mlp." + n) for n in attrs.fields_dict(Mlp))),
-                **{n: g(p + n) for n in list(attrs.fields_dict(Layer))[2:]},
+                self_attn=Attention(**{n: g(p + "self_attn." + n) for n in attrs.fields_dict(Attention)}),
+                mlp=Mlp(**{n: g(p + "mlp." + n) for n in attrs.fields_dict(Mlp)}),
+                **{n: g(p + n) for n in attrs.fields_dict(Layer) if n not in ("self_attn", "mlp")},
             )
         )
-    top = {n: g(n) for n in list(attrs.fields_dict(Params))[:-2]}
+    top = {n: g(n) for n in attrs.fields_dict(Params) if n not in ("layers", "lm_head")}
     return Params(**top, layers=tuple(layers))
 
 

@@ -11,7 +11,7 @@ import torch
 
 from g4.checkpoint import CheckpointError, load_checkpoint
 from g4.config import CONFIGS
-from g4.generation import EagerModel, GenerateError, Model, PteModel, Sampler, generate
+from g4.generation import EagerModel, GenerateError, PteModel, Sampler, generate
 from g4.params import init_params
 
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
@@ -95,11 +95,19 @@ def eager_model(a: argparse.Namespace, max_context: int) -> EagerModel:
 
 
 def run(a: argparse.Namespace) -> int:
-    """Generates (or compares) and prints text, then a stats line."""
-    if not a.eager and not a.pte:
-        raise GenerateError("give a .pte, or --eager with --checkpoint/--size")
-    pte = PteModel(a.pte) if a.pte and not a.eager else None
-    model: Model = pte if pte is not None else eager_model(a, a.max_seq_len)
+    """Generates (or compares) and prints text, then a stats line.
+
+    Modes: a .pte (default); `--eager`: the pure forward; `--compare`: the .pte, checked against the
+    pure forward. Each model is loaded once.
+    """
+    if not a.pte and (a.compare or not a.eager):
+        raise GenerateError(
+            "--compare needs a .pte" if a.compare else "give a .pte, or --eager with --checkpoint/--size"
+        )  # noqa: E501
+    pte = PteModel(a.pte) if a.pte and (a.compare or not a.eager) else None
+    eager = eager_model(a, pte.max_context if pte else a.max_seq_len) if (a.eager or a.compare) else None
+    model = pte or eager
+    assert model is not None
     if a.tokenizer:
         tok_path = Path(a.tokenizer)
     elif pte is not None:
@@ -108,8 +116,8 @@ def run(a: argparse.Namespace) -> int:
         tok_path = Path(a.checkpoint) / "tokenizer.json"
     else:
         tok_path = TINY_TOKENIZER
-    tok = load_tokenizer(tok_path, model.vocab_size) if (a.prompt is not None or not a.tokens) else None
-    if a.tokens:
+    tok = None if a.tokens is not None else load_tokenizer(tok_path, model.vocab_size)
+    if a.tokens is not None:
         try:
             prompt = [int(t) for t in a.tokens.split(",")]
         except ValueError:
@@ -121,9 +129,8 @@ def run(a: argparse.Namespace) -> int:
             prompt = tok.encode(text, add_special_tokens=False).ids
         else:
             prompt = [model.bos_id, *tok.encode(a.prompt, add_special_tokens=False).ids]
-    sampler = Sampler(a.temperature, a.top_k, a.top_p, a.seed)
-    if a.compare:
-        return compare(pte or PteModel(a.pte), eager_model(a, (pte or PteModel(a.pte)).max_context), prompt, a)
+    if pte is not None and eager is not None:
+        return compare(pte, eager, prompt, a)
 
     printed = ""
     ids: list[int] = []
@@ -139,6 +146,7 @@ def run(a: argparse.Namespace) -> int:
             print(text[len(printed) :], end="", flush=True)
             printed = text
 
+    sampler = Sampler(a.temperature, a.top_k, a.top_p, a.seed)
     gen = generate(model, prompt, a.max_new_tokens, sampler, on_token=stream)
     print()
     print(gen.stats, file=sys.stderr)

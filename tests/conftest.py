@@ -40,8 +40,7 @@ def pte_8da4w(tmp_path_factory):
     assert (
         export_main(
             [
-                "tiny",
-                str(out),
+                str(out),  # no SIZE: the checkpoint's config.json decides
                 "--checkpoint",
                 str(ck),
                 "--max-seq-len",

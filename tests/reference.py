@@ -6,12 +6,12 @@ import torch
 import transformers
 
 import g4
-from g4.checkpoint import to_hf_state_dict
+from g4.hf import config_to_hf, to_hf_state_dict
 
 
 def hf_model(cfg: g4.Config, params: g4.Params, dtype: torch.dtype = torch.float32):
     """A `Gemma4ForCausalLM` (eager attention) holding exactly `params`."""
-    hf_cfg = transformers.Gemma4TextConfig(**cfg.to_hf())
+    hf_cfg = transformers.Gemma4TextConfig(**config_to_hf(cfg))
     hf_cfg._attn_implementation = "eager"
     model = transformers.Gemma4ForCausalLM(hf_cfg).eval()
     sd = to_hf_state_dict(params)

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import g4
-from g4.checkpoint import INDEX, MM_PREFIX, CheckpointError, to_hf_state_dict
+from g4.checkpoint import INDEX, CheckpointError
+from g4.hf import MM_PREFIX, config_to_hf, to_hf_state_dict
 
 CFG = g4.CONFIGS["tiny"]
 TOKENS = torch.randint(0, CFG.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
@@ -30,7 +31,7 @@ def ref_logits(model):
 def small_multimodal(params):
     """A Gemma4ForConditionalGeneration with the smallest vision/audio towers, holding `params` as text."""
     mm_cfg = transformers.Gemma4Config(
-        text_config=transformers.Gemma4TextConfig(**CFG.to_hf()).to_dict(),
+        text_config=transformers.Gemma4TextConfig(**config_to_hf(CFG)).to_dict(),
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,

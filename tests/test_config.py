@@ -2,10 +2,12 @@ import math
 
 import attrs
 import pytest
+import torch
 import transformers
 
 import g4
 from g4.config import FULL, SLIDING, ConfigError
+from g4.hf import config_from_hf, config_to_hf
 from g4.params import param_shapes
 
 
@@ -13,8 +15,22 @@ def n_params(cfg):
     return sum(math.prod(s) for p, s in param_shapes(cfg).items() if not p.endswith("layer_scalar"))
 
 
-def test_real_sizes_match_spec_counts():
-    # gemma4-spec.md section 4: text parameters without layer_scalar.
+@pytest.mark.parametrize("name", ["e2b", "e4b"])
+def test_real_sizes_match_transformers(name):
+    # Every tensor of the text decoder, by name and shape, as transformers builds it (on the meta device).
+    cfg = g4.CONFIGS[name]
+    with torch.device("meta"):
+        ref = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**config_to_hf(cfg)))
+    want = {
+        k.removeprefix("model.").removesuffix(".weight"): tuple(v.shape)
+        for k, v in ref.named_parameters()
+        if not k.startswith("lm_head")  # tied
+    }
+    assert {p: s for p, s in param_shapes(cfg).items() if not p.endswith("layer_scalar")} == want
+
+
+def test_real_sizes_counts():
+    # Text parameters without layer_scalar (a buffer in transformers); counted from the models built above.
     assert n_params(g4.CONFIGS["e2b"]) == 4_628_569_344
     assert n_params(g4.CONFIGS["e4b"]) == 7_463_013_376
     # 540 text tensors for E2B (17 per non-shared layer, 14 per consumer, 5 top-level).
@@ -55,11 +71,11 @@ def test_tiny_keeps_every_feature():
 @pytest.mark.parametrize("name", ["tiny", "e2b", "e4b"])
 def test_from_hf_roundtrip_text_and_multimodal(name):
     cfg = g4.CONFIGS[name]
-    text = transformers.Gemma4TextConfig(**cfg.to_hf())
-    assert g4.Config.from_hf(text.to_dict()) == cfg  # HF 5.x writes per_layer_config
+    text = transformers.Gemma4TextConfig(**config_to_hf(cfg))
+    assert config_from_hf(text.to_dict()) == cfg  # HF 5.x writes per_layer_config
     mm = transformers.Gemma4Config(text_config=text.to_dict(), vision_config=None, audio_config=None)
-    assert g4.Config.from_hf(mm.to_dict()) == cfg
-    assert g4.Config.from_hf(cfg.to_hf()) == cfg  # flat global_head_dim, as in hub files
+    assert config_from_hf(mm.to_dict()) == cfg
+    assert config_from_hf(config_to_hf(cfg)) == cfg  # flat global_head_dim, as in hub files
     # HF's own donor map agrees with ours.
     modes = text.kv_sharing_modes
     assert [i >= cfg.first_shared for i in range(cfg.num_hidden_layers)] == [m == "reuse" for m in modes]
@@ -67,15 +83,15 @@ def test_from_hf_roundtrip_text_and_multimodal(name):
 
 def test_from_hf_rejects_other_models_and_missing_fields():
     with pytest.raises(ConfigError, match="model_type 'gemma3_text' is not Gemma 4"):
-        g4.Config.from_hf(transformers.Gemma3TextConfig().to_dict())
-    d = g4.CONFIGS["tiny"].to_hf()
+        config_from_hf(transformers.Gemma3TextConfig().to_dict())
+    d = config_to_hf(g4.CONFIGS["tiny"])
     del d["hidden_size"]
     with pytest.raises(ConfigError, match="missing field 'hidden_size'"):
-        g4.Config.from_hf(d)
+        config_from_hf(d)
     with pytest.raises(ConfigError, match="text_config"):
-        g4.Config.from_hf({"model_type": "gemma4"})
+        config_from_hf({"model_type": "gemma4"})
     with pytest.raises(ConfigError, match="not supported yet"):
-        g4.Config.from_hf({**g4.CONFIGS["tiny"].to_hf(), "attention_k_eq_v": True})
+        config_from_hf({**config_to_hf(g4.CONFIGS["tiny"]), "attention_k_eq_v": True})
 
 
 def test_consumer_without_donor_is_rejected():
@@ -86,3 +102,10 @@ def test_consumer_without_donor_is_rejected():
         attrs.evolve(cfg, layer_types=types)
     with pytest.raises(ConfigError, match="layer_types has 3 entries"):
         attrs.evolve(cfg, layer_types=(SLIDING, SLIDING, FULL))
+
+
+def test_last_layer_is_forced_to_full_attention_as_in_transformers():
+    d = config_to_hf(g4.CONFIGS["tiny"])
+    d["layer_types"][-1] = SLIDING
+    assert transformers.Gemma4TextConfig(**d).layer_types[-1] == FULL
+    assert config_from_hf(d).layer_types[-1] == FULL

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import attrs
 import pytest
 import torch
 from conftest import CHUNK, CTX
@@ -164,6 +165,38 @@ def test_cli_help_and_bad_arguments(tmp_path):
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = cli("tiny", str(tmp_path / "x.pte"), "--kv-cache", "int8", "--dtype", "bf16")
     assert r.returncode == 2 and "kv_cache int8 needs dtype fp32" in r.stderr
+
+
+def test_cli_takes_its_options_from_export_options():
+    from g4.export.__main__ import parse
+
+    a = parse(["x.pte"])
+    assert a.size is None and a.out == "x.pte"
+    assert ExportOptions(**{f.name: getattr(a, f.name) for f in attrs.fields(ExportOptions)}) == ExportOptions()
+    help_text = cli("--help").stdout
+    for f in attrs.fields(ExportOptions):
+        assert "--" + f.name.replace("_", "-") in help_text
+    a = parse(["tiny", "x.pte", "--kv-cache", "int8", "--embedding-quantize", "4", "--max-chunk", "64"])
+    assert (a.size, a.kv_cache, a.embedding_quantize, a.max_chunk) == ("tiny", "int8", 4, 64)
+
+
+def test_cli_size_is_optional_with_a_checkpoint_and_must_match_it(tmp_path):
+    from g4.export.__main__ import UsageError, parse, weights_source
+
+    six = attrs.evolve(
+        CFG, num_hidden_layers=6, layer_types=CFG.layer_types[:5] + ("full_attention",), num_kv_shared_layers=2
+    )
+    ck = tmp_path / "six"
+    g4.write_random_checkpoint(six, ck, seed=0, dtype=torch.float32)
+    cfg, folder, source = weights_source(parse([str(tmp_path / "x.pte"), "--checkpoint", str(ck)]))
+    assert cfg == six and folder == ck and source == str(ck)  # a reduced-layer variant, no SIZE
+    with pytest.raises(UsageError, match=r"is not tiny: num_hidden_layers 6 \(not 8\), layer_types"):
+        weights_source(parse(["tiny", str(tmp_path / "x.pte"), "--checkpoint", str(ck)]))
+    r = cli("e2b", str(tmp_path / "x.pte"), "--checkpoint", str(ck))
+    assert r.returncode == 2 and "is not e2b: vocab_size 512 (not 262144)" in r.stderr
+    assert not (tmp_path / "x.pte").exists()
+    r = cli(str(tmp_path / "x.pte"))
+    assert r.returncode == 2 and "give a SIZE, or --checkpoint DIR" in r.stderr
 
 
 def test_failed_export_leaves_existing_output_intact(tmp_path):

@@ -135,7 +135,7 @@ def test_chunked_prefill_equals_one_shot(name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_fp32_floor(name):
     # How far any fp32 implementation sits from exact arithmetic on these random configs; the
-    # tolerances above are set from it (design.md: know the floor).
+    # tolerances above are set from it.
     cfg = CASES[name]
     params = g4.init_params(cfg, seed=2)
     tokens = prompt(cfg)
@@ -175,7 +175,7 @@ def test_bf16_against_reference():
 
 
 def test_embedding_scale_rounds_like_hf_in_bf16():
-    # HF casts sqrt(H) to the weight dtype before multiplying (gemma4-spec 2.2).
+    # HF casts sqrt(H) to the weight dtype before multiplying (Gemma4TextScaledWordEmbedding).
     from g4.fn import embed
 
     table = torch.ones(4, 1536, dtype=torch.bfloat16)
@@ -239,10 +239,10 @@ def test_research_tweaks_with_evolve():
         cfg,
         tokens,
         torch.arange(16),
-        attend=lambda q, k, v, m, spec: sdpa(q * q.shape[-1] ** -0.5, k, v, m),
+        hooks=g4.fn.Hooks(attend=lambda q, k, v, m, spec: sdpa(q * q.shape[-1] ** -0.5, k, v, m)),
     )
     assert (scaled - base).abs().max() > 1e-2
-    same, _ = g4.forward(params, cfg, tokens, torch.arange(16), attend=sdpa)
+    same, _ = g4.forward(params, cfg, tokens, torch.arange(16), hooks=g4.fn.Hooks(attend=sdpa))
     assert torch.equal(same, base)
 
 
@@ -287,7 +287,8 @@ def test_rotate_by_matmul_is_exactly_rotate_half(dtype):
     # The exporter's rotate-half (a 2x2 matmul XNNPACK can take) must equal HF's cat(-x2, x1) bit for bit.
     from functools import partial
 
-    from g4.fn.rope import rotate_half, rotate_half_by_matmul, rotate_half_matrix
+    from g4.export.et import rotate_half_by_matmul, rotate_half_matrix
+    from g4.fn.rope import rotate_half
 
     x = torch.randn(2, 5, 3, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
     by_matmul = partial(rotate_half_by_matmul, rot=rotate_half_matrix(dtype))
@@ -298,5 +299,5 @@ def test_rotate_by_matmul_is_exactly_rotate_half(dtype):
     params = g4.tree_map(lambda t: t.to(dtype), g4.init_params(cfg, seed=4))
     tokens = prompt(cfg)
     want, _ = g4.forward(params, cfg, tokens, torch.arange(PROMPT))
-    got, _ = g4.forward(params, cfg, tokens, torch.arange(PROMPT), rotate=by_matmul)
+    got, _ = g4.forward(params, cfg, tokens, torch.arange(PROMPT), hooks=g4.fn.Hooks(rotate=by_matmul))
     assert torch.equal(got, want)

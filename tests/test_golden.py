@@ -139,7 +139,7 @@ def test_tiny_model(golden, params):
 def test_structure(golden, name):
     cfg = g4.CONFIGS[name]
     assert golden == {
-        "kv_source": list(cfg.kv_source),
+        "kv_source": [s.kv_source for s in cfg.layers],
         "layer_types": [t[0] for t in cfg.layer_types],
         "params": {p: list(s) for p, s in param_shapes(cfg).items()},
     }

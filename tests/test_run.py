@@ -29,6 +29,16 @@ def test_pte_and_eager_generate_the_same_32_tokens(pte_fp32, eager, capsys):
     assert "no difference in tokens" in capsys.readouterr().out
 
 
+def test_eager_compare_loads_each_model_once(pte_fp32, monkeypatch, capsys):
+    import g4.run
+
+    loads = []
+    monkeypatch.setattr(g4.run, "init_params", lambda cfg, seed: loads.append(seed) or g4.init_params(cfg, seed))
+    args = [str(pte_fp32), "--eager", "--compare", "--size", "tiny", "--tokens", "2,17,42", "--max-new-tokens", "4"]
+    assert main(args) == 0
+    assert loads == [0] and "no difference in tokens" in capsys.readouterr().out
+
+
 def test_sampling_is_seeded_and_temperature_zero_is_greedy(eager):
     greedy = generate(eager, PROMPT, 12, stop=())
     assert generate(eager, PROMPT, 12, Sampler(temperature=0.0, seed=5), stop=()).ids == greedy.ids
@@ -78,7 +88,7 @@ def test_chat_format_matches_the_checkpoint_template(tmp_path):
     assert ours == list(want)
     turn, end = tok.token_to_id("<|turn>"), tok.token_to_id("<turn|>")
     assert ours[0] == 2 and ours.count(turn) == 4 and ours.count(end) == 3
-    # Without a template, the built-in single-turn layout is Gemma 4's (gemma4-spec 5).
+    # Without a template, the built-in single-turn layout is Gemma 4's turn format.
     assert render_chat([{"role": "user", "content": "x"}], None) == GEMMA4_TURN.format(prompt="x")
     assert GEMMA4_TURN == "<bos><|turn>user\n{prompt}<turn|>\n<|turn>model\n"
 

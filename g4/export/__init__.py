@@ -32,30 +32,32 @@ from g4.export.quant import (
     quantize_linear,
 )
 from g4.export.shim import KV_CACHES, Shim
-from g4.params import Params, tree_map_with_path
+from g4.params import Params, leaves_with_path, tree_map_with_path
+
+DTYPES = ("fp32", "bf16")
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """An export option; the CLI takes its flag, type, choices, default and help from here."""
+    return attrs.field(default=default, metadata={"help": help, "choices": choices})
 
 
 @attrs.frozen(kw_only=True)
 class ExportOptions:
     """What to export: context, chunk, dtype, quantization."""
 
-    max_seq_len: int = 1024  # KV cache slots: the longest context (get_max_context_len)
-    max_chunk: int | None = None  # longest prefill per call (get_max_seq_len); None: min(max_seq_len, 256)
-    dtype: str = "fp32"  # activations and unquantized weights: fp32 | bf16
-    quantize: str = "none"  # linear layers: none | 8da8w | 8da4w
-    group_size: int = 32  # int4 weight group size (8da4w, 4-bit embeddings)
-    embedding_quantize: int = 0  # token and per-layer embedding tables: 0 (none) | 8 | 4 bits
-    kv_cache: str = "fp32"  # fp32 | int8 (per token and head, read by ExecuTorch's quantized sdpa)
+    max_seq_len: int = _opt(1024, "KV cache slots: the longest context (get_max_context_len)")
+    max_chunk: int | None = _opt(None, "longest prefill per call (get_max_seq_len); default min(max_seq_len, 256)")
+    dtype: str = _opt("fp32", "activations and unquantized weights", DTYPES)
+    quantize: str = _opt("none", "linear layers", LINEAR_MODES)
+    group_size: int = _opt(32, "int4 weight group size (8da4w, 4-bit embeddings)")
+    embedding_quantize: int = _opt(0, "bits for the token and per-layer embedding tables (0: none)", EMBEDDING_BITS)
+    kv_cache: str = _opt("fp32", "KV cache dtype (int8: per token and head, fp32 activations only)", KV_CACHES)
 
     def __attrs_post_init__(self) -> None:
-        if self.quantize not in LINEAR_MODES:
-            raise ValueError(f"quantize must be one of {LINEAR_MODES}, got {self.quantize!r}")
-        if self.embedding_quantize not in EMBEDDING_BITS:
-            raise ValueError(f"embedding_quantize must be one of {EMBEDDING_BITS}, got {self.embedding_quantize}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
-        if self.kv_cache not in KV_CACHES:
-            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {self.kv_cache!r}")
+        for f in attrs.fields(type(self)):
+            if (choices := f.metadata["choices"]) and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
         if self.kv_cache == "int8" and self.dtype != "fp32":
             raise ValueError("kv_cache int8 needs dtype fp32 (ExecuTorch's quantized sdpa is fp32-only)")
         if self.max_seq_len < 2:
@@ -200,20 +202,20 @@ def memory() -> str:
     return f" (RSS {kb['VmRSS'] / 2**20:.1f} GiB, peak {kb['VmHWM'] / 2**20:.1f} GiB)"
 
 
-def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], consume: bool = False) -> Any:
+def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     """torch.export -> edge -> XNNPACK -> ExecuTorch program.
 
-    With `consume`, the weights XNNPACK has copied are freed before `to_executorch` (the shim's
+    The weights XNNPACK has copied are freed as it goes and before `to_executorch` (the shim's
     buffers, and so the tree they came from, become unusable).
     """
-    tables = {f"p_{name}" for name in EMBEDDING_TABLES}  # looked up by portable kernels, never packed
-    weights = {n: t for n, t in shim.named_buffers() if n.startswith("p_")} if consume else {}
-    linear = [t for n, t in weights.items() if n not in tables and hasattr(t, "qdata")]
+    weights = dict(leaves_with_path(shim.params()))
+    # Lookup tables run in portable kernels and are never packed; quantized linears are freed once packed.
+    linear = [t for path, t in weights.items() if path not in EMBEDDING_TABLES and hasattr(t, "qdata")]
     with lean_lowering(linear):
-        return _lower(shim, opts, log, list(weights.values()) if consume else None)
+        return _lower(shim, opts, log, list(weights.values()))
 
 
-def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights: list[torch.Tensor] | None) -> Any:
+def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights: list[torch.Tensor]) -> Any:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
@@ -232,20 +234,16 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
         ep,
         # One partitioner: XnnpackPartitioner takes the dynamically quantized linears too. Adding
         # XnnpackDynamicallyQuantizedPartitioner in front (ExecuTorch's llama recipe) cuts every
-        # linear into its own delegate: 146 instead of 26 on the bench model, export 1.5x slower,
-        # and the same speed at run time (README, Performance).
+        # linear into its own delegate, for a slower export and the same run-time speed (README, Performance).
         partitioner=[XnnpackPartitioner()],
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         transform_passes=[InferOneViewDim()],
         constant_methods=metadata(shim.cfg, opts),
     )
     del ep
-    if weights is not None:
-        freed = free_lowered(weights, [edge.exported_program()])
-        trim_heap()
-        log(f"  lower: {time.perf_counter() - t0:.1f} s, {freed / 2**30:.2f} GiB of delegated weights freed{memory()}")
-    else:
-        log(f"  lower: {time.perf_counter() - t0:.1f} s{memory()}")
+    freed = free_lowered(weights, [edge.exported_program()])
+    trim_heap()
+    log(f"  lower: {time.perf_counter() - t0:.1f} s, {freed / 2**30:.2f} GiB of delegated weights freed{memory()}")
     t0 = time.perf_counter()
     prog = edge.to_executorch(
         ExecutorchBackendConfig(
@@ -265,28 +263,18 @@ def export_pte(
     out: str | os.PathLike,
     opts: ExportOptions = ExportOptions(),
     log: Callable[[str], None] | None = None,
-    quantized: bool = False,
-    consume: bool = False,
 ) -> Path:
-    """Exports `params` (already quantized per `opts` if `quantized`) to `out` (.pte); returns the path.
+    """Exports `params`, already quantized per `opts` (`quantize_params` or a `Quantizer` while loading), to `out`.
 
-    `consume=True` lets the export free each weight once XNNPACK has copied it, which lowers peak
-    memory by the size of the linear weights; `params` is unusable afterwards.
+    Each weight is freed once XNNPACK has copied it, so `params` is unusable afterwards.
     """
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
-    if not quantized:
-        t0 = time.perf_counter()
-        params = quantize_params(params, opts)
-        say(
-            f"  quantize ({opts.quantize}, embeddings {opts.embedding_quantize or 'none'}): "
-            f"{time.perf_counter() - t0:.1f} s"
-        )
     shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=opts.dtype == "fp32", kv_cache=opts.kv_cache)
     del params
-    prog = lower(shim, opts, say, consume=consume)
+    prog = lower(shim, opts, say)
     t0 = time.perf_counter()
 
     def serialize(tmp: Path) -> None:

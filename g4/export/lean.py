@@ -53,7 +53,7 @@ def free_lowered(weights: list[torch.Tensor], programs: list[Any]) -> int:
 def fx_sources_not_kept() -> Iterator[None]:
     """torch.fx keeps the source of every forward it generates, for tracebacks, and never frees it;
     ExecuTorch's partitioner regenerates the whole graph's code once per delegate partition, so the
-    cache grows with partitions x graph size (tiny: 19k sources, 56 MB). Inside this block sources
+    cache grows with partitions x graph size. Inside this block sources
     are dropped as soon as they are compiled (tracebacks into generated code show no source line)."""
     from torch.fx import graph_module as fx_gm
 
@@ -152,8 +152,8 @@ class BitsetDependencyViewer:
     """Drop-in for the `_DependencyViewer`s of torch.fx's and ExecuTorch's partitioners.
 
     Theirs store every node's transitive downstream (and upstream) nodes as a Python set: O(N^2)
-    entries, several GiB for E4B's ~20k-node graph, built up to three times. Here each is a bitmask
-    of N bits (N^2 / 8 bytes; about 50 MB); upstreams are built only if asked for.
+    entries, built up to three times (GiBs on E4B's graph: README, Performance). Here each is a
+    bitmask of N bits (N^2 / 8 bytes); upstreams are built only if asked for.
     """
 
     def __init__(self, graph_module: GraphModule):
@@ -205,7 +205,7 @@ def provenance_shared() -> Iterator[None]:
     """torch.fx's provenance records (`node.meta["from_node"]`) share their history instead of copying it.
 
     Every pass re-creates each node, and each new record deep-copies the chain of records before
-    it: quadratic in the number of passes, and ~1/5 of an fp32 lowering's time under cProfile. The
+    it: quadratic in the number of passes (its cost is in README, Performance). The
     chain is only read once built (ExecuTorch's debug handles follow it), so sharing it keeps the
     same provenance.
     """

@@ -25,8 +25,8 @@ INT = {8: torch.int8, 4: getattr(torch, "int4")}  # noqa: B009 (torch.int4 is mi
 def scale_algorithm(bits: int) -> str:
     """How torchao picks scales: HQQ's optimizer (scale only, zero point fixed) for 4 bits, min/max for 8.
 
-    HQQ is ExecuTorch's own LLM export choice and lowers int4 error by ~6% at no runtime cost; at 8
-    bits it gains under 1% and costs 20x the time (minutes on Gemma 4's per-layer embedding table).
+    HQQ is ExecuTorch's own LLM export choice and lowers int4 error at no runtime cost; at 8 bits it
+    gains little and costs much more time on Gemma 4's per-layer embedding table (README, Export).
     """
     return "hqq_scale_only" if bits == 4 else "affine"
 
@@ -40,7 +40,7 @@ def chunked(quantize: Callable[[Tensor], Tensor], w: Tensor, dtype: torch.dtype)
 
     Peak memory is the result plus one block (for tensors `load_checkpoint` maps, the pages of rows
     already quantized are released too); it also keeps torchao's kernels away from tensors of
-    more than 2**31 elements (Gemma 4's per-layer embedding tables have 2.3 to 2.8 billion).
+    more than 2**31 elements (Gemma 4's per-layer embedding tables have more).
     """
     rows = max(1, CHUNK_ELEMENTS // w.shape[1])
     if w.shape[0] <= rows:

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+import attrs
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from g4.config import FULL, SLIDING, Config, LayerSpec
-from g4.fn.attention import Cache, join, mask, sdpa, write
+from g4.config import Config, LayerSpec
+from g4.fn import cache as kv
+from g4.fn.attention import mask, sdpa
+from g4.fn.cache import KV, Cache, Step
 from g4.fn.ops import gelu, mlp, rms_norm, softcap
 from g4.fn.rope import apply_rope, inv_freq, rope_table, rotate_half
 from g4.params import Attention, Layer, Params
 
 PLE_COMBINE_SCALE = 2**-0.5  # (context projection + token table) / sqrt(2)
-
-Attend = Callable[[Tensor, Tensor, Tensor, Tensor, LayerSpec], Tensor]
-Write = Callable[[Tensor, Tensor, Tensor], Tensor]
-Join = Callable[[Tensor, Tensor], Tensor]
 
 
 def embed(table: Tensor, tokens: Tensor, scale: float) -> Tensor:
@@ -41,6 +41,22 @@ def per_layer_inputs(p: Params, cfg: Config, tokens: Tensor, h0: Tensor) -> Tens
 
 Rotate = Callable[[Tensor], Tensor]
 Rope = tuple[Tensor, Tensor, Rotate]  # cos, sin, rotate_half
+
+
+@attrs.frozen
+class Hooks:
+    """The parts of `forward` an exporter swaps (ExecuTorch's ops, an int8 cache); HF's eager ops by default."""
+
+    attend: Callable[[Tensor, Any, Any, Any, LayerSpec], Tensor] = sdpa  # (q, k, v, mask, spec) -> [B, T, nq, d]
+    mask: Callable[[Tensor, LayerSpec], Any] = lambda m, spec: m  # bool [T, S] -> what `attend` takes
+    store: Callable[[Tensor], KV] = lambda x: x  # new K/V rows -> the cache's representation
+    write: kv.Write = kv.write  # K/V rows into a cache buffer at slots
+    join: kv.Join = kv.join  # new rows ++ ring rows
+    tag: kv.Tag = kv.tag  # 1 + position into slot tags
+    rotate: Rotate = rotate_half  # RoPE's rotate-half
+
+
+EAGER = Hooks()
 
 
 def project_q(p: Attention, spec: LayerSpec, x: Tensor, rope: Rope, eps: float) -> Tensor:
@@ -83,8 +99,8 @@ def check_inputs(cfg: Config, tokens: Tensor, positions: Tensor, cache: Cache | 
             raise ValueError(
                 f"tokens: prefill of {T} tokens is longer than the cache (max_seq_len={cache.max_seq_len})"
             )
-        if cache.k[0].shape[0] != tokens.shape[0]:
-            raise ValueError(f"cache: batch {cache.k[0].shape[0]} does not match tokens batch {tokens.shape[0]}")
+        if cache.batch != tokens.shape[0]:
+            raise ValueError(f"cache: batch {cache.batch} does not match tokens batch {tokens.shape[0]}")
     if not torch.compiler.is_compiling() and T:  # data-dependent checks, eager only
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= cfg.vocab_size:
@@ -97,6 +113,40 @@ def check_inputs(cfg: Config, tokens: Tensor, positions: Tensor, cache: Cache | 
             )
 
 
+@attrs.frozen
+class View:
+    """What every layer of one type shares in a call: RoPE tables and the attention mask."""
+
+    spec: LayerSpec  # the type's first layer
+    rope: Rope
+    allowed: Tensor  # bool [T, S]: query t may see key s
+    mask: Any  # `allowed` as the attend hook takes it
+
+    def last(self, hooks: Hooks) -> View:
+        """The view of the last query only."""
+        cos, sin, rotate = self.rope
+        allowed = self.allowed[-1:]
+        return View(self.spec, (cos[-1:], sin[-1:], rotate), allowed, hooks.mask(allowed, self.spec))
+
+
+def views(cfg: Config, positions: Tensor, step: Step | None, dtype: torch.dtype, hooks: Hooks) -> dict[str, View]:
+    """Layer type -> its `View` for queries at `positions` (keys: themselves, or the cache's slots)."""
+    out = {}
+    for t in dict.fromkeys(cfg.layer_types):  # in order of first appearance: a deterministic graph
+        s = cfg.layers[cfg.layer_types.index(t)]
+        cos, sin = rope_table(positions, inv_freq(s.head_dim, s.rope_theta, s.partial_rotary_factor), dtype)
+        allowed = mask(positions, positions if step is None else step.key_positions[t], s.window)
+        out[t] = View(s, (cos, sin, hooks.rotate), allowed, hooks.mask(allowed, s))
+    return out
+
+
+def head(params: Params, cfg: Config, h: Tensor) -> Tensor:
+    """Final norm, tied LM head (the UNSCALED embedding matrix, or the exporter's copy), softcap."""
+    h = rms_norm(h, params.norm, cfg.rms_norm_eps)
+    w = params.embed_tokens if params.lm_head is None else params.lm_head
+    return softcap(F.linear(h, w), cfg.final_logit_softcapping)
+
+
 def forward(
     params: Params,
     cfg: Config,
@@ -104,80 +154,36 @@ def forward(
     positions: Tensor,
     cache: Cache | None = None,
     *,
-    attend: Attend = sdpa,
-    write: Write = write,
-    join: Join = join,
-    rotate: Rotate = rotate_half,
+    hooks: Hooks = EAGER,
     last_only: bool = False,
 ) -> tuple[Tensor, Cache | None]:
     """Logits `[B, T, V]` (`[B, 1, V]` with last_only) and the updated cache.
 
     tokens `[B, T]` int64, positions `[T]` int64 absolute positions shared by the batch. Without a
     cache this is a plain causal forward; with one, prefill of any length and one-token decode are
-    the same call. `attend(q, k, v, mask, spec)`, `write(buf, slots, new)`, `join(new, ring)` and
-    `rotate(x)` can be swapped (the exporter passes ExecuTorch's fused, in-place and int8-cache
-    versions, and a rotate-half that XNNPACK can take).
+    the same call.
     """
     check_inputs(cfg, tokens, positions, cache)
-    dt = params.embed_tokens.dtype
-    T = tokens.shape[1]
-    h = embed(params.embed_tokens, tokens, cfg.hidden_size**0.5)
-    ple = per_layer_inputs(params, cfg, tokens, h)
-
-    # Once per layer type: RoPE tables, key positions, masks.
-    first = {t: cfg.layers[cfg.layer_types.index(t)] for t in set(cfg.layer_types)}
-    rope = {
-        t: (*rope_table(positions, inv_freq(s.head_dim, s.rope_theta, s.partial_rotary_factor), dt), rotate)
-        for t, s in first.items()
-    }
-    new_cache = cache
-    if cache is None:
-        k_pos = {SLIDING: positions, FULL: positions}
-    else:
-        R = cache.ring_end.shape[0]  # ring slots (>= sliding_window); slot = position % R
-        # Only the last R new tokens can stay in the ring. Under torch.export T <= R is known from
-        # the chunk bound, so no slicing (and no shape guard) enters the graph.
-        keep = slice(T - R, None) if T > R else None
-        kept = positions if keep is None else positions[keep]
-        ring_slots = kept % R
-        full_end = write(cache.full_end, positions, positions + 1)
-        k_pos = {SLIDING: torch.cat([positions, cache.ring_end - 1]), FULL: full_end - 1}
-        new_k, new_v = list(cache.k), list(cache.v)
-    masks = {t: mask(positions, k_pos[t], s.window) for t, s in first.items()}
-
-    kv: dict[int, tuple[Tensor, Tensor]] = {}  # K/V produced this step by each owning layer
+    eps = cfg.rms_norm_eps
+    h = embed(params.embed_tokens, tokens, cfg.hidden_size**0.5)  # [B, T, H]
+    ple = per_layer_inputs(params, cfg, tokens, h)  # [B, T, L, P] or None
+    step = None if cache is None else kv.plan(cache, positions, hooks.tag)
+    view = views(cfg, positions, step, params.embed_tokens.dtype, hooks)
+    made: dict[int, tuple[KV, KV]] = {}  # this call's K/V by owning layer; KV-shared layers read their donor's
     for i, (p, spec) in enumerate(zip(params.layers, cfg.layers, strict=True)):
-        if last_only and i == cfg.first_shared and cfg.num_kv_shared_layers:
-            # KV-shared layers write no cache, so when only the last logits are wanted they need only
-            # the last query (HF does the same): their K/V are the donors', computed for every token.
-            h, ple = h[:, -1:], None if ple is None else ple[:, -1:]
-            rope = {t: (cos[-1:], sin[-1:], r) for t, (cos, sin, r) in rope.items()}
-            masks = {t: m[-1:] for t, m in masks.items()}
-        x = rms_norm(h, p.input_layernorm, cfg.rms_norm_eps)
-        q = project_q(p.self_attn, spec, x, rope[spec.type], cfg.rms_norm_eps)
-        if spec.kv_source == i:  # owns K/V; otherwise a donor earlier in the loop produced them
-            k, v = project_kv(p.self_attn, spec, x, rope[spec.type], cfg.rms_norm_eps)
-            if cache is not None and spec.is_sliding:  # attend over new ++ ring, then keep the last R
-                kv[i] = join(k, cache.k[i]), join(v, cache.v[i])
-                new_k[i] = write(cache.k[i], ring_slots, k if keep is None else k[:, keep])
-                new_v[i] = write(cache.v[i], ring_slots, v if keep is None else v[:, keep])
-            elif cache is not None:  # full: write into the slot of each position, attend over all slots
-                kv[i] = new_k[i], new_v[i] = write(cache.k[i], positions, k), write(cache.v[i], positions, v)
+        if last_only and i == cfg.first_shared:  # KV-shared layers write no cache: only the last query matters
+            h, ple, view = h[:, -1:], None if ple is None else ple[:, -1:], {t: v.last(hooks) for t, v in view.items()}
+        x = rms_norm(h, p.input_layernorm, eps)
+        rope = view[spec.type].rope
+        q = project_q(p.self_attn, spec, x, rope, eps)
+        if spec.kv_source == i:
+            k, v = (hooks.store(t) for t in project_kv(p.self_attn, spec, x, rope, eps))
+            if step is None or cache is None:
+                made[i] = k, v
             else:
-                kv[i] = k, v
-        a = attend(q, *kv[spec.kv_source], masks[spec.type], spec)
+                made[i], cache = kv.put(cache, step, i, spec.is_sliding, k, v, hooks.write, hooks.join)
+        a = hooks.attend(q, *made[spec.kv_source], view[spec.type].mask, spec)
         h = finish_layer(p, cfg, h, a, None if ple is None else ple[:, :, i])
-
-    if cache is not None:
-        new_cache = Cache(
-            tuple(new_k),
-            tuple(new_v),
-            write(cache.ring_end, ring_slots, kept + 1),
-            full_end,
-        )
     if last_only and not cfg.num_kv_shared_layers:
         h = h[:, -1:]
-    h = rms_norm(h, params.norm, cfg.rms_norm_eps)
-    head = params.embed_tokens if params.lm_head is None else params.lm_head
-    logits = F.linear(h, head)  # tied head: the UNSCALED embedding matrix
-    return softcap(logits, cfg.final_logit_softcapping), new_cache
+    return head(params, cfg, h), None if cache is None or step is None else kv.commit(cache, step)

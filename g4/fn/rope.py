@@ -35,23 +35,6 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def rotate_half_matrix(dtype: torch.dtype) -> Tensor:
-    """[[0, -1], [1, 0]], built from ops rather than a tensor constant (ExecuTorch 1.5.1 mishandles
-    lifted tensor constants inside XNNPACK partitions); build it once per forward."""
-    z, o = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
-    return torch.stack([torch.stack([z, -o]), torch.stack([o, z])])
-
-
-def rotate_half_by_matmul(x: Tensor, rot: Tensor) -> Tensor:
-    """`rotate_half` as a 2x2 matmul over the pair axis, for export: XNNPACK cannot slice tensors of
-    dynamic length (the prefill length). `rot` is `rotate_half_matrix(x.dtype)`; its entries are 0
-    and +-1, so the result is exactly `rotate_half(x)` (slower eagerly: a matmul with K = 2)."""
-    pairs = x.unflatten(-1, (2, -1)).transpose(-1, -2)  # [B, T, h, d/2, 2]: (x1[t], x2[t])
-    # A 2-D matmul ([N, 2] x [2, 2]); a 5-D one would lower to a batched matmul over a broadcast weight.
-    rotated = torch.nn.functional.linear(pairs.reshape(-1, 2), rot).view(pairs.shape)
-    return rotated.transpose(-1, -2).flatten(-2)
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rotate: Callable[[Tensor], Tensor] = rotate_half) -> Tensor:
     """Rotate-half RoPE on `x [B, T, heads, d]`, in x's dtype (HF rotates in the activation dtype)."""
     return x * cos + rotate(x) * sin
