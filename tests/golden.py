@@ -1,9 +1,10 @@
 """A syrupy extension for golden/: readable text snapshots, exact where exact, float tensors with tolerances.
 
 A snapshot is a dict of named entries. Tensors (floating) are stored as header (shape, dtype,
-tolerance), summary statistics and a few rows at 8 significant digits, and compared within the
-stated `rtol`/`atol`; everything else (ints, token ids, strings, shapes, integer tensors) is stored
-as text and compared exactly. One file per snapshot under golden/<test module>/.
+tolerance), summary statistics and every value (one line per row of the last dim) at 8 significant
+digits, and compared value by value within the stated `rtol`/`atol`; everything else (ints, token
+ids, strings, shapes, integer tensors) is stored as text and compared exactly. One file per snapshot
+under golden/<test module>/.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from syrupy.extensions.single_file import SingleFileSnapshotExtension, WriteMode
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 FP32 = dict(rtol=1e-5, atol=1e-6)  # fp32 eager: reruns on other machines differ by reduction order
-ROWS, COLS = 4, 8
 _NUM = re.compile(r"[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?|inf|nan)", re.I)
 
 
@@ -37,13 +37,11 @@ def _g(x: float) -> str:
 def _tensor_lines(name: str, a: Approx) -> list[str]:
     t = a.t
     flat = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
-    n, k = flat.shape[0], min(ROWS, flat.shape[0])
-    idx = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})  # first, last and evenly between
     lines = [
         f"## {name} shape={list(t.shape)} rtol={a.rtol:g} atol={a.atol:g}",
         "stats " + " ".join(f"{k}={_g(v)}" for k, v in _stats(t).items()),
     ]
-    lines += [f"row {i}: " + " ".join(_g(float(x)) for x in flat[i, :COLS]) for i in idx]
+    lines += [f"row {i}: " + " ".join(_g(x) for x in row) for i, row in enumerate(flat.tolist())]
     return lines
 
 
@@ -117,6 +115,9 @@ def differences(new: str, old: str) -> Iterator[str]:
                 [float(x) for x in _NUM.findall(la.split(":", 1)[1] if ":" in la else la)],
                 [float(x) for x in _NUM.findall(lb.split(":", 1)[1] if ":" in lb else lb)],
             )
+            if len(na) != len(nb):
+                yield f"{name} [{label}]: {len(nb)} values in the golden, {len(na)} now"
+                continue
             names = re.findall(r"(\w+)=", la) if label == "stats" else [f"col {j}" for j in range(len(na))]
             for j, (x, y) in enumerate(zip(na, nb, strict=True)):
                 tol = atol + rtol * abs(y)

@@ -112,6 +112,17 @@ def test_decoder_layer(golden, params, layer):
     }
 
 
+def greedy_ids(params, tokens, steps=16):
+    cache = g4.init_cache(CFG, max_seq_len=64)
+    with torch.no_grad():
+        logits, cache = g4.forward(params, CFG, tokens, torch.arange(tokens.shape[1]), cache)
+        ids = [int(logits[0, -1].argmax())]
+        for t in range(tokens.shape[1], tokens.shape[1] + steps - 1):
+            logits, cache = g4.forward(params, CFG, torch.tensor([ids[-1:]]), torch.tensor([t]), cache)
+            ids.append(int(logits[0, -1].argmax()))
+    return ids
+
+
 def test_tiny_model(golden, params):
     tokens = torch.randint(0, CFG.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     cache = g4.init_cache(CFG, max_seq_len=64)
@@ -124,11 +135,13 @@ def test_tiny_model(golden, params):
             ids.append(int(nxt))
             out, cache = g4.forward(params, CFG, nxt, torch.tensor([t]), cache)
             nxt = out[:, -1:].argmax(-1)
+    moving = greedy_ids(params, torch.randint(0, CFG.vocab_size, (1, 24), generator=torch.Generator().manual_seed(28)))
+    assert len(set(moving)) >= 4  # a run that moves (random weights make most prompts repeat one token)
     assert golden == {
         "prefill_logits": Approx(logits),
         "prefill_argmax": logits.argmax(-1),
         "prefill_top5_last": torch.topk(logits[0, -1], 5).indices,
-        "greedy_16": ids,
+        "greedy_16_of_prompt_seed_28": moving,
         **after_prefill,
         **{f"cache_k{i}_decode": Approx(k) for i, k in enumerate(cache.k)},
         "ring_end": cache.ring_end,
@@ -243,3 +256,11 @@ def test_kv_shared_layers_have_no_kv_weights(params):
         assert (layer.self_attn.k_proj is not None) == owns
     assert attrs.fields_dict(g4.Params)["lm_head"].default is None
     assert {SLIDING, FULL} == set(CFG.layer_types)
+
+
+def test_extension_sees_every_value():
+    t = rand(24, 512)
+    moved = t.clone()
+    moved[5, 300] += 1e-2  # far from the first rows and columns
+    diffs = list(differences(render({"x": Approx(moved)}), render({"x": Approx(t)})))
+    assert diffs and diffs[0].startswith("x [row 5, col 300]: golden ")
