@@ -93,7 +93,7 @@ EXPORT_G4 = """
 import json, resource, sys
 from g4.export.__main__ import main
 ck, out, quant, ctx, gs = sys.argv[1:]
-args = ["tiny", out, "--checkpoint", ck, "--max-seq-len", ctx, "--max-chunk", "128", "--group-size", gs]
+args = [out, "--checkpoint", ck, "--max-seq-len", ctx, "--max-chunk", "128", "--group-size", gs]
 if quant == "8da4w": args += ["--quantize", "8da4w", "--embedding-quantize", "8"]
 assert main(args) == 0
 print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))

@@ -32,15 +32,22 @@ def chat_template(tokenizer_path: Path) -> str | None:
 
 
 def render_chat(messages: list[dict[str, str]], template: str | None, bos: str = "<bos>") -> str:
-    """The prompt text for a conversation, ending with the model's turn opener."""
+    """The prompt text for a conversation, ending with the model's turn opener; GenerateError if it fails."""
     if template is None:
         if len(messages) != 1:
             raise GenerateError("multi-turn chat needs the checkpoint's chat template")
         return GEMMA4_TURN.format(prompt=messages[0]["content"])
     import jinja2
 
+    def raise_exception(message: str) -> None:  # as transformers' template environment
+        raise jinja2.TemplateError(message)
+
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos)
+    except jinja2.TemplateError as e:
+        raise GenerateError(f"chat template does not render: {type(e).__name__}: {e}") from None
 
 
 def load_tokenizer(path: Path, vocab_size: int):  # noqa: ANN201 (tokenizers.Tokenizer)
@@ -94,12 +101,28 @@ def eager_model(a: argparse.Namespace, max_context: int) -> EagerModel:
     return EagerModel(cfg, params, max_context)
 
 
+def check_args(a: argparse.Namespace) -> None:
+    """Raises GenerateError naming the first bad argument, before anything is loaded."""
+    bad = [
+        (a.max_new_tokens < 1, f"--max-new-tokens must be >= 1, got {a.max_new_tokens}"),
+        (a.max_seq_len < 2, f"--max-seq-len must be >= 2, got {a.max_seq_len}"),
+        (not a.temperature >= 0, f"--temperature must be >= 0, got {a.temperature}"),
+        (a.top_k < 0, f"--top-k must be >= 0, got {a.top_k}"),
+        (not 0 < a.top_p <= 1, f"--top-p must be in (0, 1], got {a.top_p}"),
+        (a.size is not None and a.size not in CONFIGS, f"--size {a.size} is not one of {', '.join(CONFIGS)}"),
+    ]
+    for is_bad, message in bad:
+        if is_bad:
+            raise GenerateError(message)
+
+
 def run(a: argparse.Namespace) -> int:
     """Generates (or compares) and prints text, then a stats line.
 
     Modes: a .pte (default); `--eager`: the pure forward; `--compare`: the .pte, checked against the
     pure forward. Each model is loaded once.
     """
+    check_args(a)
     if not a.pte and (a.compare or not a.eager):
         raise GenerateError(
             "--compare needs a .pte" if a.compare else "give a .pte, or --eager with --checkpoint/--size"
@@ -125,11 +148,18 @@ def run(a: argparse.Namespace) -> int:
     else:
         assert tok is not None
         if a.chat:
-            text = render_chat([{"role": "user", "content": a.prompt}], chat_template(tok_path))
+            try:
+                text = render_chat([{"role": "user", "content": a.prompt}], chat_template(tok_path))
+            except GenerateError as e:
+                raise GenerateError(f"{tok_path.parent}: {e}") from None
             prompt = tok.encode(text, add_special_tokens=False).ids
         else:
             prompt = [model.bos_id, *tok.encode(a.prompt, add_special_tokens=False).ids]
     if pte is not None and eager is not None:
+        if pte.vocab_size != eager.vocab_size:
+            raise GenerateError(
+                f"--compare: {pte.path} has a vocabulary of {pte.vocab_size} tokens, the eager model {eager.vocab_size}"
+            )
         return compare(pte, eager, prompt, a)
 
     printed = ""

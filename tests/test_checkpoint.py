@@ -264,3 +264,47 @@ def test_release_pages_drops_mapped_rows_and_keeps_data(tmp_path):
     copy = mem.clone()
     release_pages(mem, 0, mem.shape[0])
     assert torch.equal(mem, copy)
+
+
+def test_atomic_write_killed_mid_write_keeps_the_old_file_and_the_next_write_cleans_up(tmp_path):
+    import signal
+
+    from g4.checkpoint import atomic_write
+
+    dest = tmp_path / "model.pte"
+    dest.write_bytes(b"previous export")
+    code = (
+        "import time\nfrom pathlib import Path\nfrom g4.checkpoint import atomic_write\n"
+        "def slow(tmp):\n"
+        "    with open(tmp, 'wb') as f:\n"
+        "        f.write(b'half' * 4096); f.flush(); print('writing', flush=True); time.sleep(120)\n"
+        f"atomic_write(Path({str(dest)!r}), slow)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert dest.read_bytes() == b"previous export"  # no half file where the .pte was
+    stale = list(tmp_path.glob(".model.pte.*.tmp"))
+    assert len(stale) == 1 and f".{p.pid}." in stale[0].name
+    live = tmp_path / f".model.pte.{__import__('os').getpid()}.live.tmp"  # a writer still running: kept
+    live.write_bytes(b"")
+    atomic_write(dest, lambda t: t.write_bytes(b"new export"))
+    assert dest.read_bytes() == b"new export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([dest.name, live.name])
+
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from g4.checkpoint import atomic_write
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file") or fsync(fd)
+    )
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("rename") or replace(a, b))
+    atomic_write(tmp_path / "x.bin", lambda t: t.write_bytes(b"data"))
+    assert events == ["file", "rename", "dir"] and (tmp_path / "x.bin").read_bytes() == b"data"

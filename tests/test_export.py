@@ -58,19 +58,23 @@ def greedy_eager(params, prompt, steps):
 PROMPT = torch.randint(0, CFG.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
 
 
-def test_fp32_pte_matches_eager(pte_fp32):
+def test_fp32_pte_matches_eager_and_transformers(pte_fp32, capsys):
+    from reference import hf_logits, hf_model
+
     method = load_method(pte_fp32)
     params = g4.init_params(CFG, seed=0)  # what `python -m g4.export tiny` embeds
     ids, got = greedy_pte(method, PROMPT, 40)  # 20 + 40 positions: past the window, the ring wraps
     want_ids, want = greedy_eager(params, PROMPT, 40)
     assert ids == want_ids
-    assert (got - want).abs().max() <= 1e-3
-    # Teacher-forced on the same sequence too (covers chunked prefill + decode).
+    # Teacher-forced on the same sequence too (covers chunked prefill + decode), against transformers.
     seq = torch.cat([PROMPT, torch.tensor([ids])], 1)
-    with torch.no_grad():
-        full, _ = g4.forward(params, CFG, seq, torch.arange(seq.shape[1]))
     forced = run_pte(load_method(pte_fp32), seq, 20)
-    assert (forced - full[:, 19:]).abs().max() <= 1e-3
+    hf = hf_logits(hf_model(CFG, params), seq)[:, 19:]
+    d_eager, d_hf = (got - want).abs().max().item(), (forced - hf).abs().max().item()
+    with capsys.disabled():
+        print(f"\nfp32 .pte: max|d| vs g4.forward {d_eager:.2e}, vs transformers {d_hf:.2e}")
+    # XNNPACK's GEMMs, rsqrt and flash attention round differently (measured 4.8e-6 and 3.1e-6): 4x headroom.
+    assert d_eager <= 2e-5 and d_hf <= 2e-5
 
 
 def test_quantized_pte_matches_eager_quantized(pte_8da4w, capsys):
@@ -138,9 +142,10 @@ def test_int8_kv_cache_pte(tmp_path, capsys):
             f"vs fp32 eager max|d| {d_fp32:.2e}, cos {cos:.6f}"
         )
     # Runtime and ATen kernels may round a per-token scale differently (measured 2.4e-3 of a logit
-    # range of 4.5); the int8 cache itself moves logits by ~6e-2 from fp32 (so it is really int8).
-    assert d_eager <= 1e-2 and d_fp32 >= 1e-3 and cos >= 0.9995
-    assert (got.argmax(-1) == fp32.argmax(-1)).float().mean() >= 0.95
+    # range of 4.5: 2x headroom); the int8 cache itself moves logits by ~6e-2 from fp32 (so it is
+    # really int8), and not one teacher-forced argmax of the 41 steps.
+    assert d_eager <= 5e-3 and d_fp32 >= 1e-2 and cos >= 0.9999
+    assert torch.equal(got.argmax(-1), fp32.argmax(-1))
 
 
 def cli(*args, env=None):
@@ -292,3 +297,40 @@ def test_provenance_shared_keeps_the_same_provenance():
     want = provenance(shared=False)
     assert any(len(chain) for _, chain in want)  # there is provenance to keep
     assert provenance(shared=True) == want
+
+
+def test_lean_patches_find_their_targets():
+    from g4.export import lean
+
+    assert lean.problems() == []  # on the pinned executorch and torch, every patch applies
+
+
+def test_every_lean_patch_ran_in_the_tiny_exports(pte_fp32, pte_8da4w):
+    from g4.export.lean import USED
+
+    names = ("fx_sources_not_kept", "weights_not_copied_for_xnnpack", "light_dependency_viewers", "provenance_shared")
+    assert all(USED[n] > 0 for n in names), USED
+    assert USED["freed_once_packed"] > 0, USED  # the 8da4w export's quantized linears, freed as packed
+
+
+def test_a_changed_patch_target_falls_back_with_a_warning(monkeypatch):
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+
+    from g4.export import lean
+
+    def changed(self, node):
+        return 0
+
+    monkeypatch.setattr(NodeVisitor, "get_serialized_buffer_index", changed)
+    warning = r"get_serialized_buffer_index takes \('self', 'node'\).*tested with executorch 1.5.1.*freed_once_packed"
+    with pytest.warns(UserWarning, match=warning), lean.freed_once_packed([]):
+        assert NodeVisitor.get_serialized_buffer_index is changed  # left alone: the plain path
+    assert [p for p in lean.problems() if p.startswith("freed_once_packed:")]
+
+
+def test_export_is_reproducible_and_lean_lowering_changes_no_byte(pte_fp32, tmp_path):
+    opts = ["--max-seq-len", str(CTX), "--max-chunk", str(CHUNK)]
+    assert main(["tiny", str(tmp_path / "again.pte"), *opts]) == 0
+    assert main(["tiny", str(tmp_path / "plain.pte"), *opts, "--no-lean"]) == 0
+    assert (tmp_path / "again.pte").read_bytes() == pte_fp32.read_bytes()
+    assert (tmp_path / "plain.pte").read_bytes() == pte_fp32.read_bytes()

@@ -65,7 +65,7 @@ def prompt(cfg, n=PROMPT, batch=1, seed=0):
 
 def greedy(params, cfg, tokens, steps, max_seq_len=256):
     """Prefill then `steps` one-token decode steps; returns all logits [B, n+steps, V] and the ids."""
-    cache = g4.init_cache(cfg, batch=tokens.shape[0], max_seq_len=max_seq_len)
+    cache = g4.init_cache(cfg, batch=tokens.shape[0], max_seq_len=max_seq_len, dtype=params.norm.dtype)
     n = tokens.shape[1]
     logits, cache = g4.forward(params, cfg, tokens, torch.arange(n), cache)
     out, ids = [logits], tokens
@@ -85,13 +85,14 @@ def test_parity_with_transformers(case):
     tokens = prompt(cfg)
     want = hf_logits(ref, tokens)
     got, _ = g4.forward(params, cfg, tokens, torch.arange(PROMPT))
-    assert (got - want).abs().max() <= 1e-4
+    assert torch.equal(got, want)  # no cache: the same ops in the same order, bit for bit
 
     # With a cache, then 60 single-token decode steps past the window and through the shared layers.
     logits, ids = greedy(params, cfg, tokens, STEPS)
     assert ids.shape[1] == PROMPT + STEPS > cfg.sliding_window
     want = hf_logits(ref, ids)[:, :-1]  # the reference on the whole grown sequence
-    assert (logits - want).abs().max() <= 1e-4
+    # Cached attention reduces over the keys in another order: measured <= 2.9e-6 relative.
+    assert rel(logits, want) <= 1e-5
     assert torch.equal(logits[:, PROMPT - 1 :].argmax(-1), want[:, PROMPT - 1 :].argmax(-1))
     # transformers' own cached greedy decoding picks the same tokens.
     hf_ids = ref.generate(tokens, max_new_tokens=STEPS, do_sample=False, min_new_tokens=STEPS)
@@ -161,17 +162,23 @@ def test_prefill_longer_than_window_then_decode():
 
 
 @torch.no_grad()
-def test_bf16_against_reference():
-    cfg = CASES["e2b-like"]
+@pytest.mark.parametrize("name", list(CASES))
+def test_bf16_against_reference(name):
+    cfg = CASES[name]
     params = g4.init_params(cfg, seed=4)
     ref = hf_model(cfg, params, dtype=torch.bfloat16)
     tokens = prompt(cfg)
     want = hf_logits(ref, tokens)
-    got, _ = g4.forward(g4.tree_map(lambda x: x.to(torch.bfloat16), params), cfg, tokens, torch.arange(PROMPT))
+    bf16 = g4.tree_map(lambda x: x.to(torch.bfloat16), params)
+    got, _ = g4.forward(bf16, cfg, tokens, torch.arange(PROMPT))
     assert got.dtype == torch.bfloat16
     # g4 follows every HF rounding step in bf16 (embedding scale rounded to bf16, RoPE tables in fp32
     # cast to bf16 before rotating, norms and softmax in fp32, the rest in bf16): bit-identical.
     assert torch.equal(got, want)
+    # With a cache, attention reduces over differently ordered key sets and bf16 rounds each sum:
+    # here 0 on two configs and 0.96 % of the logit range on e4b-like (2.9 % over 60 steps; README, Numerics).
+    logits, ids = greedy(bf16, cfg, tokens, 24)
+    assert rel(logits.float(), hf_logits(ref, ids)[:, :-1].float()) <= 0.03
 
 
 def test_embedding_scale_rounds_like_hf_in_bf16():

@@ -6,7 +6,6 @@ Only safetensors are read (memory-mapped, one tensor at a time); pickle files ar
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import functools
 import json
@@ -25,10 +24,11 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
-from g4.config import CONFIGS, Config, ConfigError
+from g4.config import Config, ConfigError
 from g4.hf import MM_IGNORED, MM_PREFIX, SHARED_KV_IGNORED, TEXT_PREFIX, config_from_hf, config_to_hf, hf_name
 from g4.params import Params, build, init_value, param_shapes
 
+FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors dtype names g4 converts
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -59,6 +59,10 @@ def _shards(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names (strings)")
         files = sorted(set(weight_map.values()))
         for name in files:
             if not (folder / name).is_file():
@@ -90,7 +94,15 @@ class _Reader:
         for f in files:
             with self._open(f) as h:
                 for k in h.keys():
-                    self.shapes[k], self.where[k] = tuple(h.get_slice(k).get_shape()), f
+                    if k in self.where:
+                        raise CheckpointError(f"{f}: tensor {k!r} is in two files: {self.where[k].name} and {f.name}")
+                    sl = h.get_slice(k)
+                    if sl.get_dtype() not in FLOAT_DTYPES:
+                        raise CheckpointError(
+                            f"{f}: tensor {k!r} has dtype {sl.get_dtype()}; g4 reads float weights "
+                            f"({', '.join(FLOAT_DTYPES)}), so it would have to guess how to dequantize this one"
+                        )
+                    self.shapes[k], self.where[k] = tuple(sl.get_shape()), f
 
     @staticmethod
     def _open(f: Path) -> Any:
@@ -316,11 +328,22 @@ def write_random_checkpoint(
 
 
 def atomic_write(dest: Path, write: Callable[[Path], Any]) -> None:
-    """Writes through a temporary file in the same folder, then renames: no half-written `dest`."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    """Writes `dest` through a temporary file in the same folder: fsync it, rename it over `dest`, fsync the
+    folder. A crash at any point leaves the old `dest` or the new one, never half of either.
+
+    The temporary's name carries the writer's pid; temporaries of writers that are no longer running
+    (killed mid-write) are removed first.
+    """
+    for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
+        pid = stale.name[len(dest.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
@@ -328,30 +351,18 @@ def atomic_write(dest: Path, write: Callable[[Path], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m g4.checkpoint random SIZE DIR`: write a random HF-format checkpoint."""
-    ap = argparse.ArgumentParser(prog="python -m g4.checkpoint", description=main.__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    rnd = sub.add_parser("random", help="write a random-weight checkpoint of a named size")
-    rnd.add_argument("size", choices=sorted(CONFIGS))
-    rnd.add_argument("dir")
-    rnd.add_argument("--seed", type=int, default=0)
-    rnd.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    rnd.add_argument("--max-shard-gb", type=float, default=4.0)
-    a = ap.parse_args(argv)
-    out = write_random_checkpoint(
-        CONFIGS[a.size],
-        a.dir,
-        seed=a.seed,
-        dtype=getattr(torch, a.dtype),
-        max_shard_bytes=int(a.max_shard_gb * (1 << 30)),
-        progress=True,
-    )
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

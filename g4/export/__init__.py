@@ -27,12 +27,11 @@ from g4.export.quant import (
     EMBEDDING_TABLES,
     LINEAR_MODES,
     chunked,
-    linear_ok,
     quantize_embedding,
     quantize_linear,
 )
 from g4.export.shim import KV_CACHES, Shim
-from g4.params import Params, leaves_with_path, tree_map_with_path
+from g4.params import Params, leaves_with_path, param_shapes, tree_map_with_path
 
 DTYPES = ("fp32", "bf16")
 
@@ -53,6 +52,7 @@ class ExportOptions:
     group_size: int = _opt(32, "int4 weight group size (8da4w, 4-bit embeddings)")
     embedding_quantize: int = _opt(0, "bits for the token and per-layer embedding tables (0: none)", EMBEDDING_BITS)
     kv_cache: str = _opt("fp32", "KV cache dtype (int8: per token and head, fp32 activations only)", KV_CACHES)
+    lean: bool = _opt(True, "lower with g4's fixes to ExecuTorch's memory and time (g4/export/lean.py)")
 
     def __attrs_post_init__(self) -> None:
         for f in attrs.fields(type(self)):
@@ -62,6 +62,24 @@ class ExportOptions:
             raise ValueError("kv_cache int8 needs dtype fp32 (ExecuTorch's quantized sdpa is fp32-only)")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.max_chunk is not None and not 1 <= self.max_chunk <= self.max_seq_len:
+            raise ValueError(f"max_chunk must be in [1, max_seq_len={self.max_seq_len}], got {self.max_chunk}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+
+    def check(self, cfg: Config) -> None:
+        """Raises ValueError if a weight of `cfg` cannot take the quantization (int4 groups must divide widths)."""
+        shapes = param_shapes(cfg)
+        if self.quantize == "8da4w":
+            for path, s in shapes.items():
+                if len(s) == 2 and path not in EMBEDDING_TABLES and s[1] % self.group_size:
+                    raise ValueError(f"group_size {self.group_size} does not divide the input width {s[1]} of {path}")
+        if self.embedding_quantize == 4:
+            for path in EMBEDDING_TABLES:
+                if path in shapes and shapes[path][1] % self.group_size:
+                    raise ValueError(
+                        f"group_size {self.group_size} does not divide the width {shapes[path][1]} of {path}"
+                    )
 
     @property
     def chunk(self) -> int:
@@ -84,7 +102,6 @@ class Quantizer:
     def __init__(self, opts: ExportOptions):
         self.opts = opts
         self.lm_head: torch.Tensor | None = None
-        self.skipped: list[str] = []
 
     def __call__(self, path: str, w: torch.Tensor) -> torch.Tensor:
         """The weight at tree `path` (any float dtype), in the export dtype and quantized per the options."""
@@ -99,13 +116,11 @@ class Quantizer:
         return self.linear(path, w) if w.dim() == 2 else w.to(o.torch_dtype)
 
     def linear(self, path: str, w: torch.Tensor) -> torch.Tensor:
-        """The linear scheme, or `w` unchanged where the shape does not allow it."""
+        """The linear scheme (`ExportOptions.check` has made sure the shape takes it)."""
         o = self.opts
-        if linear_ok(tuple(w.shape), o.quantize, o.group_size):
-            return chunked(lambda x: quantize_linear(x, o.quantize, o.group_size), w, o.torch_dtype)
-        if o.quantize != "none":
-            self.skipped.append(path)
-        return w.to(o.torch_dtype)
+        if o.quantize == "none":
+            return w.to(o.torch_dtype)
+        return chunked(lambda x: quantize_linear(x, o.quantize, o.group_size), w, o.torch_dtype)
 
     def finish(self, params: Params) -> Params:
         """The tree with the untied, quantized LM head (if any)."""
@@ -211,7 +226,7 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     weights = dict(leaves_with_path(shim.params()))
     # Lookup tables run in portable kernels and are never packed; quantized linears are freed once packed.
     linear = [t for path, t in weights.items() if path not in EMBEDDING_TABLES and hasattr(t, "qdata")]
-    with lean_lowering(linear):
+    with lean_lowering(linear, on=opts.lean):
         return _lower(shim, opts, log, list(weights.values()))
 
 

@@ -59,8 +59,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--checkpoint", help="Hugging Face checkpoint folder (config.json + safetensors)")
     ap.add_argument("--random-weights", action="store_true", help="seeded random weights instead of a checkpoint")
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
+    ap.add_argument("--force", action="store_true", help="replace differing tokenizer files next to OUT")
     for f in attrs.fields(ExportOptions):
         choices = f.metadata["choices"]
+        if isinstance(f.default, bool):
+            ap.add_argument(
+                "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f.metadata["help"]
+            )
+            continue
         ap.add_argument(
             "--" + f.name.replace("_", "-"),
             type=type(choices[0]) if choices else int,
@@ -103,10 +109,28 @@ def _checked(cfg: Config, size: str | None, ckpt: Path) -> Config:
     raise UsageError(f"{ckpt}/config.json is not {size}: {diff}; omit SIZE to export the checkpoint as it is")
 
 
+def tokenizer_files(ckpt: Path | None, out: Path, force: bool) -> list[tuple[Path, Path]]:
+    """(source, destination) of each tokenizer file to copy next to `out`: the checkpoint's (or, for
+    random weights, the tiny tokenizer). An identical file already there is left alone; a differing one
+    is a UsageError unless `force`."""
+    sources = [TINY_TOKENIZER] if ckpt is None else [ckpt / n for n in TOKENIZER_FILES if (ckpt / n).is_file()]
+    plan = []
+    for src in sources:
+        dst = out.parent / ("tokenizer.json" if src == TINY_TOKENIZER else src.name)
+        if dst.is_file() and dst.read_bytes() == src.read_bytes():
+            continue
+        if dst.exists() and not force:
+            raise UsageError(f"{dst} exists and differs from {src}; pass --force to replace it, or export elsewhere")
+        plan.append((src, dst))
+    return plan
+
+
 def run(a: argparse.Namespace) -> int:
     """Loads or makes weights, quantizes them as they arrive, exports; prints a summary."""
     t_start = time.perf_counter()
     out = Path(a.out)
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; give the .pte file to write")
     if not out.parent.is_dir():
         raise UsageError(f"output folder {out.parent} does not exist")
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
@@ -116,6 +140,12 @@ def run(a: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     cfg, ckpt, source = weights_source(a)
+    try:
+        opts.check(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    # Random E2B/E4B weights have no tokenizer to copy.
+    tokenizers = [] if ckpt is None and a.size != "tiny" else tokenizer_files(ckpt, out, a.force)
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     say(f"weights: {source}")
     q = Quantizer(opts)
@@ -132,15 +162,10 @@ def run(a: argparse.Namespace) -> int:
         f"load + quantize ({opts.quantize}, embeddings {opts.embedding_quantize or 'none'}): "
         f"{time.perf_counter() - t0:.1f} s{memory()}"
     )
-    if q.skipped:
-        say(f"  left unquantized (input width not a multiple of --group-size {opts.group_size}): {len(q.skipped)}")
     export_pte(cfg, q.finish(weights), out, opts, log=say)
-    if ckpt is not None:  # the tokenizer travels with the .pte, so `python -m g4.run OUT.pte` finds it
-        for name in TOKENIZER_FILES:
-            if (ckpt / name).exists():
-                shutil.copyfile(ckpt / name, out.parent / name)
-    elif a.size == "tiny":
-        shutil.copyfile(TINY_TOKENIZER, out.parent / "tokenizer.json")
+    for src, dst in tokenizers:  # the tokenizer travels with the .pte, so `python -m g4.run OUT.pte` finds it
+        say(f"  {'replaced' if dst.exists() else 'wrote'} {dst} (from {src})")
+        shutil.copyfile(src, dst)
     size = out.stat().st_size
     print(
         f"wrote {out}: {size / 2**20:.1f} MiB in {time.perf_counter() - t_start:.0f} s | "

@@ -3,8 +3,13 @@
 ExecuTorch 1.5.1 and torch.fx hold several whole-graph or whole-model copies while lowering a large
 graph to XNNPACK, and copy provenance records quadratically. Each fix below is a context manager
 that patches one library function for the duration of the export and restores it after; none
-changes the lowered program (tests compare the .pte with the eager forward). Measured on full
-E2B/E4B exports (README, Performance).
+changes the lowered program (a test compares the .pte bytes with and without them). Measured on
+full E2B/E4B exports (README, Performance).
+
+Each patch first checks that its target exists with the parameters g4 was written against
+(`TESTED_WITH`). If not, it warns and lowers without that fix: the program is the same, only memory
+or time suffers, and a test on the pinned versions (`problems() == []`) catches the drift first.
+`ExportOptions(lean=False)` / `--no-lean` turns all of them off.
 """
 
 from __future__ import annotations
@@ -12,13 +17,77 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import copy
+import inspect
 import linecache
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.fx import GraphModule, Node
+
+TESTED_WITH = "executorch 1.5.1, torch 2.13.0"
+USED: Counter[str] = Counter()  # calls of each patch's replacement, so a test can see that none is dead
+
+
+def _params(fn: Any) -> tuple[str, ...] | None:
+    try:
+        return tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _expect(name: str, owner: Any, attr: str, params: tuple[str, ...]) -> bool:
+    """Whether `owner.attr` exists and its parameters start with `params`; warns (naming it) if not."""
+    fn = getattr(owner, attr, None)
+    found = None if fn is None else _params(fn)
+    if found is not None and found[: len(params)] == params:
+        return True
+    what = "is missing" if fn is None else f"takes {found}, expected {params}"
+    warnings.warn(
+        f"g4 lean lowering: {getattr(owner, '__name__', owner)}.{attr} {what} (g4 was tested with {TESTED_WITH}); "
+        f"exporting without the {name} fix (same program, more memory or time)",
+        stacklevel=3,
+    )
+    return False
+
+
+def _targets() -> dict[str, tuple[Any, str, tuple[str, ...]]]:
+    """Patch name -> (owner, attribute, the leading parameter names g4 relies on)."""
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir.backend.canonical_partitioners import group_partitioner
+    from torch.fx import graph_module as fx_gm
+    from torch.fx import traceback as fxt
+    from torch.fx.passes.infra import partitioner
+
+    return {
+        "fx_sources_not_kept": (fx_gm._loader, "cache", ("src", "globals", "co_fields")),
+        "weights_not_copied_for_xnnpack": (
+            XnnpackBackend,
+            "copy_exported_program_for_preprocess",
+            ("edge_program", "compile_specs"),
+        ),
+        "freed_once_packed": (NodeVisitor, "get_serialized_buffer_index", ("self", "tensor")),
+        "light_dependency_viewers": (partitioner, "_DependencyViewer", ("graph_module",)),
+        "light_dependency_viewers (group)": (group_partitioner, "_DependencyViewer", ("graph_module",)),
+        "provenance_shared": (fxt.NodeSource, "__init__", ("self", "node", "pass_name")),
+    }
+
+
+def problems() -> list[str]:
+    """The patches whose targets differ from what g4 expects; empty on the versions g4 pins."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bad = [name for name, (owner, attr, params) in _targets().items() if not _expect(name, owner, attr, params)]
+    return [f"{name}: {w.message}" for name, w in zip(bad, caught, strict=True)]
+
+
+def _ok(name: str) -> bool:
+    owner, attr, params = _targets()[name]
+    return _expect(name, owner, attr, params)
 
 
 def plain(t: torch.Tensor) -> list[torch.Tensor]:
@@ -57,9 +126,13 @@ def fx_sources_not_kept() -> Iterator[None]:
     are dropped as soon as they are compiled (tracebacks into generated code show no source line)."""
     from torch.fx import graph_module as fx_gm
 
+    if not _ok("fx_sources_not_kept") or not hasattr(fx_gm._loader, "eval_cache"):
+        yield
+        return
     loader, keep = fx_gm._loader, fx_gm._loader.cache
 
     def cache(src: str, globals: dict[str, Any], co_fields: dict[str, Any] | None = None) -> str:
+        USED["fx_sources_not_kept"] += 1
         key = keep(src, globals, co_fields)
         loader.eval_cache.pop(key, None)
         linecache.cache.pop(key, None)
@@ -80,10 +153,14 @@ def weights_not_copied_for_xnnpack() -> Iterator[None]:
     them, so inside this block the copies share the original tensors (the graphs are still copied)."""
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
 
+    if not _ok("weights_not_copied_for_xnnpack"):
+        yield
+        return
     had = "copy_exported_program_for_preprocess" in vars(XnnpackBackend)
     keep = vars(XnnpackBackend).get("copy_exported_program_for_preprocess")
 
     def copy_sharing_weights(cls: Any, program: Any, compile_specs: Any) -> Any:
+        USED["weights_not_copied_for_xnnpack"] += 1
         tensors = [*program.state_dict.values(), *program.constants.values()]
         return copy.deepcopy(program, {id(t): t for t in tensors if isinstance(t, torch.Tensor)})
 
@@ -105,18 +182,23 @@ def freed_once_packed(weights: list[torch.Tensor]) -> Iterator[None]:
     from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
     from executorch.backends.xnnpack.utils.utils import get_param_tensor, is_param_node
 
-    ours = {t.untyped_storage().data_ptr() for w in weights for t in plain(w)}
     keep = NodeVisitor.get_serialized_buffer_index
+    sig = inspect.signature(keep)
+    if not _ok("freed_once_packed") or "quant_params" not in sig.parameters:
+        yield
+        return
+    ours = {t.untyped_storage().data_ptr() for w in weights for t in plain(w)}
 
     def serialize_then_free(self: Any, tensor: torch.fx.Node, *args: Any, **kwargs: Any) -> int:
         idx = keep(self, tensor, *args, **kwargs)
-        quant_params = args[4] if len(args) > 4 else kwargs.get("quant_params")
+        quant_params = sig.bind(self, tensor, *args, **kwargs).arguments.get("quant_params")
         node = tensor if quant_params is None else quant_params.q_input
         if is_param_node(self.exported_program, node):
             st = get_param_tensor(self.exported_program, node).untyped_storage()
             if st.data_ptr() in ours:
                 ours.discard(st.data_ptr())  # a later allocation may reuse the address
                 st.resize_(0)
+                USED["freed_once_packed"] += 1
         return idx
 
     NodeVisitor.get_serialized_buffer_index = serialize_then_free
@@ -157,6 +239,7 @@ class BitsetDependencyViewer:
     """
 
     def __init__(self, graph_module: GraphModule):
+        USED["light_dependency_viewers"] += 1
         self._nodes = list(graph_module.graph.nodes)
         self._index = {n: i for i, n in enumerate(self._nodes)}
         self._down: dict[Node, int] = {}
@@ -189,6 +272,9 @@ def light_dependency_viewers() -> Iterator[None]:
     from executorch.exir.backend.canonical_partitioners import group_partitioner
     from torch.fx.passes.infra import partitioner
 
+    if not (_ok("light_dependency_viewers") and _ok("light_dependency_viewers (group)")):
+        yield
+        return
     modules: list[Any] = [partitioner, group_partitioner]
     keep = [m._DependencyViewer for m in modules]
     for m in modules:
@@ -211,6 +297,9 @@ def provenance_shared() -> Iterator[None]:
     """
     from torch.fx import traceback as fxt
 
+    if not _ok("provenance_shared"):
+        yield
+        return
     keep = fxt.NodeSource.__init__
 
     def init(self: Any, node: Node | None, *args: Any, **kwargs: Any) -> None:
@@ -218,6 +307,7 @@ def provenance_shared() -> Iterator[None]:
         if chain is None:
             keep(self, node, *args, **kwargs)
             return
+        USED["provenance_shared"] += 1
         node.meta["from_node"] = []  # type: ignore[union-attr]
         try:
             keep(self, node, *args, **kwargs)
@@ -233,8 +323,11 @@ def provenance_shared() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def lean_lowering(linear_weights: list[torch.Tensor]) -> Iterator[None]:
-    """All of the above; `linear_weights` are freed as soon as XNNPACK has packed them."""
+def lean_lowering(linear_weights: list[torch.Tensor], on: bool = True) -> Iterator[None]:
+    """All of the above (none if not `on`); `linear_weights` are freed as soon as XNNPACK has packed them."""
+    if not on:
+        yield
+        return
     with (
         fx_sources_not_kept(),
         weights_not_copied_for_xnnpack(),

@@ -97,8 +97,3 @@ def quantize_embedding(w: Tensor, bits: int, group_size: int) -> Tensor:
         filter_fn=lambda m, _: isinstance(m, nn.Embedding),
     )
     return emb.weight
-
-
-def linear_ok(shape: tuple[int, ...], mode: str, group_size: int) -> bool:
-    """Whether a `[out, in]` weight can take `mode` (int4 groups must divide the input width)."""
-    return mode == "8da8w" or (mode == "8da4w" and shape[1] % group_size == 0)

@@ -1,0 +1,42 @@
+"""`python -m g4.checkpoint random SIZE DIR`: write a random-weight checkpoint in the Hugging Face format."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from g4.checkpoint import write_random_checkpoint
+from g4.config import CONFIGS
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m g4.checkpoint random SIZE DIR`: write a random HF-format checkpoint."""
+    ap = argparse.ArgumentParser(prog="python -m g4.checkpoint", description=main.__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    rnd = sub.add_parser("random", help="write a random-weight checkpoint of a named size")
+    rnd.add_argument("size", choices=sorted(CONFIGS))
+    rnd.add_argument("dir")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    rnd.add_argument("--max-shard-gb", type=float, default=4.0)
+    a = ap.parse_args(argv)
+    try:
+        out = write_random_checkpoint(
+            CONFIGS[a.size],
+            a.dir,
+            seed=a.seed,
+            dtype=getattr(torch, a.dtype),
+            max_shard_bytes=int(a.max_shard_gb * (1 << 30)),
+            progress=True,
+        )
+    except OSError as e:
+        print(f"error: cannot write {a.dir}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
