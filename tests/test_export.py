@@ -77,6 +77,9 @@ def test_fp32_pte_matches_eager_and_transformers(pte_fp32, capsys):
     assert d_eager <= 2e-5 and d_hf <= 2e-5
 
 
+PEER_8DA4W_COSINE_VS_FP32 = 0.9015  # bench/results/quant_error-tiny.json
+
+
 def test_quantized_pte_matches_eager_quantized(pte_8da4w, capsys):
     out, ck = pte_8da4w
     _, params = g4.load_checkpoint(ck)
@@ -96,8 +99,11 @@ def test_quantized_pte_matches_eager_quantized(pte_8da4w, capsys):
             f"vs fp32 eager cos {cos32:.4f}"
         )
     # XNNPACK quantizes activations per token on its own (rounding differs from torchao's reference
-    # quant-dequant), and this random model amplifies it: stated tolerance 8% of the logit range.
-    assert rel <= 0.08 and cos >= 0.998
+    # quant-dequant), and this random model amplifies it: measured 5.7 % of the logit range, cos 0.9992.
+    assert rel <= 0.07 and cos >= 0.999
+    # Distance from fp32, against ExecuTorch's own exporter on the same weights and tokens
+    # (bench/quant_error.py: its cosine 0.9015, g4's 0.9009): no more than 0.005 below the peer's.
+    assert cos32 >= PEER_8DA4W_COSINE_VS_FP32 - 0.005
     assert (ck.parent / out.parent.name / "tokenizer.json").exists() or (out.parent / "tokenizer.json").exists()
 
 
@@ -180,7 +186,9 @@ def test_cli_takes_its_options_from_export_options():
     assert ExportOptions(**{f.name: getattr(a, f.name) for f in attrs.fields(ExportOptions)}) == ExportOptions()
     help_text = cli("--help").stdout
     for f in attrs.fields(ExportOptions):
-        assert "--" + f.name.replace("_", "-") in help_text
+        flag = ("--no-" if isinstance(f.default, bool) else "--") + f.name.replace("_", "-")
+        assert flag in help_text
+    assert parse(["x.pte", "--no-lean"]).lean is False
     a = parse(["tiny", "x.pte", "--kv-cache", "int8", "--embedding-quantize", "4", "--max-chunk", "64"])
     assert (a.size, a.kv_cache, a.embedding_quantize, a.max_chunk) == ("tiny", "int8", 4, 64)
 
