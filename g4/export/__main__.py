@@ -137,11 +137,8 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError(f"cannot write {out}")
     try:
         opts = ExportOptions(**{f.name: getattr(a, f.name) for f in attrs.fields(ExportOptions)})
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    cfg, ckpt, source = weights_source(a)
-    try:
-        opts.check(cfg)
+        cfg, ckpt, source = weights_source(a)
+        opts.check(cfg)  # e.g. an int4 group size that does not divide a width of this config
     except ValueError as e:
         raise UsageError(str(e)) from None
     # Random E2B/E4B weights have no tokenizer to copy.

@@ -143,10 +143,8 @@ class Step:
 
 def plan(cache: Cache, positions: Tensor, tag: Tag = tag) -> Step:
     """The slots of `positions` in `cache`, and the tags once they are written."""
-    R = cache.ring_slots
-    # Under torch.export T <= R is known from the chunk bound, so no slicing (and no shape guard)
-    # enters the graph.
-    T = positions.shape[0]
+    R, T = cache.ring_slots, positions.shape[0]
+    # Under torch.export T <= R is known from the chunk bound: no slicing (and no shape guard) in the graph.
     keep = slice(T - R, None) if T > R else None
     kept = positions if keep is None else positions[keep]
     ring_slots = kept % R
