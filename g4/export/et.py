@@ -105,7 +105,7 @@ def et_hooks(start: int, T: int, int8: bool = False) -> Hooks:
         else:
             q_start = filled((k.data if isinstance(k, Q8) else k).shape[1])
             k, v = rows(k, slice(None, T + q_start)), rows(v, slice(None, T + q_start))
-        common = dict(attn_mask=m, drpout_p=0.0, is_causal=m is None, scale=ATTENTION_SCALE)
+        common = dict(attn_mask=m, drpout_p=0.0, is_causal=m is None, scale=ATTENTION_SCALE)  # sic: the op spells it
         if not isinstance(k, Q8) or not isinstance(v, Q8):
             return torch.ops.llama.custom_sdpa(q, k, v, q_start, **common)
         q8 = quantize_per_token(q)
