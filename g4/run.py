@@ -126,7 +126,7 @@ def run(a: argparse.Namespace) -> int:
     if not a.pte and (a.compare or not a.eager):
         raise GenerateError(
             "--compare needs a .pte" if a.compare else "give a .pte, or --eager with --checkpoint/--size"
-        )  # noqa: E501
+        )
     pte = PteModel(a.pte) if a.pte and (a.compare or not a.eager) else None
     eager = eager_model(a, pte.max_context if pte else a.max_seq_len) if (a.eager or a.compare) else None
     model = pte or eager
