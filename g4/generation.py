@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from g4.config import Config
 from g4.fn import forward, init_cache
+from g4.memory import no_mlock, page_on_demand
 from g4.params import Params
 
 
@@ -21,12 +23,22 @@ class GenerateError(ValueError):
 
 
 class PteModel:
-    """A .pte that follows ExecuTorch's LLM-runner conventions: `forward(tokens [1, T], input_pos [1])`."""
+    """A .pte that follows ExecuTorch's LLM-runner conventions: `forward(tokens [1, T], input_pos [1])`.
 
-    def __init__(self, path: str | Path):
+    Its lookup tables stay on disk, paged in by the rows a token reads (`g4.memory`); `lock=True`
+    loads it as ExecuTorch does by default, which for a privileged process locks them all in RAM.
+    """
+
+    def __init__(self, path: str | Path, lock: bool = False):
         path = Path(path)
         if not path.is_file():
             raise GenerateError(f"{path}: no such file")
+        with contextlib.nullcontext() if lock else no_mlock():
+            self._load(path)
+        if not lock:
+            page_on_demand(path)
+
+    def _load(self, path: Path) -> None:
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama:: ops)
         from executorch.kernels import quantized  # noqa: F401  (quantized embedding kernels)
         from executorch.runtime import Runtime

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from g4.config import Config, ConfigError
 from g4.hf import MM_IGNORED, MM_PREFIX, SHARED_KV_IGNORED, TEXT_PREFIX, config_from_hf, config_to_hf, hf_name
+from g4.memory import libc
 from g4.params import Params, build, init_value, param_shapes
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors dtype names g4 converts
@@ -141,31 +142,22 @@ def release_pages(t: Tensor, lo: int, hi: int) -> None:
     """
     if not getattr(t, MAPPED, False) or not t.is_contiguous():
         return
-    libc = _libc()
-    if libc is None:
+    lib = libc()
+    if lib is None:
         return
     page, rows = mmap.PAGESIZE, t[lo:hi]
     start, end = rows.data_ptr(), rows.data_ptr() + rows.numel() * rows.element_size()
     first, last = -(-start // page) * page, end // page * page  # whole pages inside the rows only
     if last > first:
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+        lib.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
 
 
 def trim_heap() -> None:
     """Returns the C heap's free memory to the OS (glibc's malloc_trim; a no-op elsewhere): converting
     tensors block by block leaves freed blocks that would otherwise stay in the resident set."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc() -> Any:
-    if sys.platform != "linux":
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
+    lib = libc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 def load_checkpoint(

@@ -1,0 +1,77 @@
+"""Run-time memory: a .pte's lookup tables stay on disk, paged in by the rows a token reads."""
+
+import json
+import os
+import subprocess
+import sys
+
+import attrs
+import pytest
+import torch
+
+import g4
+from g4.export.__main__ import main as export_main
+
+# Tiny's structure with a large vocabulary: the two 8-bit tables (65536 x 128 and 65536 x 8 * 32) are
+# 24 MiB of the 63 MiB file (most of the rest is the LM head's fp32 copy, packed by XNNPACK).
+BIG_VOCAB = attrs.evolve(g4.CONFIGS["tiny"], vocab_size=65536, vocab_size_per_layer_input=65536)
+TABLE_BYTES = 65536 * (128 + 8 * 32)
+
+RUN = r"""
+import json, re, sys
+from g4.generation import PteModel, generate
+pte, lock = sys.argv[1], sys.argv[2] == "1"
+m = PteModel(pte, lock=lock)
+generate(m, [2] + [(977 * i) % 65000 + 3 for i in range(31)], 16, stop=())
+rss, mine = 0, False
+for ln in open("/proc/self/smaps"):
+    if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln):
+        mine = ln.rstrip().endswith(pte)
+    elif mine and ln.startswith("Rss:"):
+        rss += int(ln.split()[1]) * 1024
+fields = (ln.split(":", 1) for ln in open("/proc/self/status"))
+status = {k: int(v.split()[0]) * 1024 for k, v in fields if k in ("VmHWM", "VmLck")}
+print(json.dumps({"pte_rss": rss, **status}))
+"""
+
+
+@pytest.fixture(scope="module")
+def big_vocab_pte(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bigvocab")
+    g4.write_random_checkpoint(BIG_VOCAB, d / "ck", dtype=torch.float32)
+    out = d / "big.pte"
+    assert (
+        export_main([str(out), "--checkpoint", str(d / "ck"), "--max-seq-len", "128", "--embedding-quantize", "8"]) == 0
+    )
+    return out
+
+
+def measure(pte, lock):
+    r = subprocess.run(
+        [sys.executable, "-c", RUN, str(pte.resolve()), "1" if lock else "0"], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_tables_are_not_resident_after_a_run(big_vocab_pte):
+    assert TABLE_BYTES > 0.35 * big_vocab_pte.stat().st_size
+    ours = measure(big_vocab_pte, lock=False)
+    # 48 tokens read 48 rows of each table: a few pages each, nowhere near the tables.
+    assert ours["VmLck"] == 0 and ours["pte_rss"] < 0.1 * TABLE_BYTES, ours
+    if os.geteuid() == 0:  # ExecuTorch's own load locks them all in RAM where it may (CAP_IPC_LOCK)
+        locked = measure(big_vocab_pte, lock=True)
+        assert locked["pte_rss"] >= TABLE_BYTES and locked["VmLck"] >= TABLE_BYTES, locked
+        assert ours["VmHWM"] <= locked["VmHWM"] - 0.8 * TABLE_BYTES, (ours, locked)
+
+
+def test_no_mlock_restores_what_it_changed():
+    import resource
+
+    from g4.memory import _caps, no_mlock
+
+    limit, caps = resource.getrlimit(resource.RLIMIT_MEMLOCK), _caps()
+    with no_mlock():
+        assert resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] == 0
+    assert resource.getrlimit(resource.RLIMIT_MEMLOCK) == limit
+    assert caps is None or _caps()[0].effective == caps[0].effective
