@@ -77,9 +77,10 @@ class PteModel:
 class EagerModel:
     """`g4.forward` with a cache, behind the same `step` interface as `PteModel`."""
 
-    def __init__(self, cfg: Config, params: Params, max_context: int = 1024):
+    def __init__(self, cfg: Config, params: Params, max_context: int = 1024, eos_ids: Sequence[int] = ()):
         self.cfg, self.params, self.max_context = cfg, params, max_context
-        self.vocab_size, self.bos_id, self.eos_ids = cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id
+        self.vocab_size, self.bos_id = cfg.vocab_size, cfg.bos_token_id
+        self.eos_ids = tuple(eos_ids) or cfg.eos_token_id
         self.cache = init_cache(cfg, max_seq_len=max_context, dtype=params.norm.dtype)
 
     def step(self, tokens: Sequence[int], start: int) -> Tensor:
@@ -159,22 +160,26 @@ def generate(
     stop: Sequence[int] | None = None,
     on_token: Callable[[int], None] | None = None,
     keep_logits: bool = False,
+    start: int = 0,
 ) -> Generation:
-    """Prefill `prompt`, then sample up to `max_new_tokens`, stopping after a token in `stop`."""
+    """Prefill `prompt` at positions `start...` (0: a new sequence; more: after what the model's cache
+    holds), then sample up to `max_new_tokens`, stopping after a token in `stop` (default: the model's)."""
     if not prompt:
         raise GenerateError("prompt is empty")
-    if len(prompt) >= model.max_context:
-        raise GenerateError(f"prompt is {len(prompt)} tokens; the model's context is {model.max_context} tokens")
+    if start + len(prompt) >= model.max_context:
+        raise GenerateError(
+            f"prompt is {start + len(prompt)} tokens; the model's context is {model.max_context} tokens"
+        )
     if max(prompt) >= model.vocab_size or min(prompt) < 0:
         raise GenerateError(f"prompt token ids must be in [0, {model.vocab_size})")
     stop = tuple(model.eos_ids if stop is None else stop)
     sample = sampler.make()
     t0 = time.perf_counter()
-    logits = model.step(prompt, 0)
+    logits = model.step(prompt, start)
     ids: list[int] = []
     kept: list[Tensor] = []
     t_first = time.perf_counter()
-    pos = len(prompt)
+    pos = start + len(prompt)
     while len(ids) < max_new_tokens:
         if keep_logits:
             kept.append(logits)

@@ -9,45 +9,13 @@ from pathlib import Path
 
 import torch
 
+from g4 import chat
 from g4.checkpoint import CheckpointError, load_checkpoint
 from g4.config import CONFIGS
 from g4.generation import EagerModel, GenerateError, PteModel, Sampler, generate
 from g4.params import init_params
 
-TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
-# Gemma 4's single-turn layout, used when the tokenizer folder carries no chat template.
-GEMMA4_TURN = "<bos><|turn>user\n{prompt}<turn|>\n<|turn>model\n"
-
-
-def chat_template(tokenizer_path: Path) -> str | None:
-    """The Jinja chat template next to the tokenizer (chat_template.jinja or tokenizer_config.json)."""
-    folder = tokenizer_path.parent
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text()
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
-        t = json.loads(cfg.read_text()).get("chat_template")
-        return t if isinstance(t, str) else None
-    return None
-
-
-def render_chat(messages: list[dict[str, str]], template: str | None, bos: str = "<bos>") -> str:
-    """The prompt text for a conversation, ending with the model's turn opener; GenerateError if it fails."""
-    if template is None:
-        if len(messages) != 1:
-            raise GenerateError("multi-turn chat needs the checkpoint's chat template")
-        return GEMMA4_TURN.format(prompt=messages[0]["content"])
-    import jinja2
-
-    def raise_exception(message: str) -> None:  # as transformers' template environment
-        raise jinja2.TemplateError(message)
-
-    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos)
-    except jinja2.TemplateError as e:
-        raise GenerateError(f"chat template does not render: {type(e).__name__}: {e}") from None
+TINY = Path(__file__).parent / "assets" / "tiny"  # the tiny model's tokenizer folder (Gemma 4-shaped)
 
 
 def load_tokenizer(path: Path, vocab_size: int):  # noqa: ANN201 (tokenizers.Tokenizer)
@@ -70,10 +38,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m g4.run", description=__doc__)
     ap.add_argument("pte", nargs="?", help=".pte to run (omit with --eager)")
     ap.add_argument("--tokenizer", help="tokenizer.json (default: the one next to the .pte)")
-    g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--prompt", help="text prompt")
-    g.add_argument("--tokens", help="raw prompt token ids, e.g. 2,17,42")
-    ap.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma 4's chat turn format")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--prompt", help="text prompt (<bos> is put first)")
+    g.add_argument("--tokens", help="raw prompt token ids, e.g. 2,17,42 (fed as they are)")
+    c = ap.add_argument_group("chat (the tokenizer folder's chat template, else Gemma 4's)")
+    c.add_argument(
+        "--chat", action="store_true", help="chat: --prompt is one user turn; without it, a turn per stdin line"
+    )
+    c.add_argument("--system", help="system prompt (implies --chat)")
+    c.add_argument("--messages", help="JSON file: a conversation (role/content messages) to reply to (implies --chat)")
+    c.add_argument("--think", action="store_true", help="turn thinking on (enable_thinking; implies --chat)")
+    c.add_argument("--show-thinking", action="store_true", help="print the thought too, between [thought] marks")
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="print the prompt text the model would be given (for other runners) and exit",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-k", type=int, default=0)
@@ -127,6 +107,13 @@ def run(a: argparse.Namespace) -> int:
         raise GenerateError(
             "--compare needs a .pte" if a.compare else "give a .pte, or --eager with --checkpoint/--size"
         )
+    a.chat = a.chat or bool(a.system or a.messages or a.think)
+    if a.chat and a.tokens is not None:
+        raise GenerateError("--tokens are fed as they are; give --prompt (or stdin turns) for --chat")
+    if not a.chat and a.prompt is None and a.tokens is None:
+        raise GenerateError("give --prompt or --tokens, or --chat to read turns from stdin")
+    if a.render and (a.tokens is not None or (a.prompt is None and not a.messages)):
+        raise GenerateError("--render prints the text of a --prompt or --messages conversation")
     pte = PteModel(a.pte) if a.pte and (a.compare or not a.eager) else None
     eager = eager_model(a, pte.max_context if pte else a.max_seq_len) if (a.eager or a.compare) else None
     model = pte or eager
@@ -138,49 +125,109 @@ def run(a: argparse.Namespace) -> int:
     elif a.checkpoint:
         tok_path = Path(a.checkpoint) / "tokenizer.json"
     else:
-        tok_path = TINY_TOKENIZER
-    tok = None if a.tokens is not None else load_tokenizer(tok_path, model.vocab_size)
+        tok_path = TINY / "tokenizer.json"
+    if eager is not None:  # a .pte carries its stop ids; the eager model takes the tokenizer folder's
+        eager.eos_ids = chat.stop_ids(tok_path.parent if tok_path.is_file() else None, eager.cfg.eos_token_id)
+    if pte is not None and eager is not None and pte.vocab_size != eager.vocab_size:
+        raise GenerateError(
+            f"--compare: {pte.path} has a vocabulary of {pte.vocab_size} tokens, the eager model {eager.vocab_size}"
+        )
     if a.tokens is not None:
         try:
             prompt = [int(t) for t in a.tokens.split(",")]
         except ValueError:
             raise GenerateError(f"--tokens must be comma-separated integers, got {a.tokens!r}") from None
-    else:
-        assert tok is not None
-        if a.chat:
-            try:
-                text = render_chat([{"role": "user", "content": a.prompt}], chat_template(tok_path))
-            except GenerateError as e:
-                raise GenerateError(f"{tok_path.parent}: {e}") from None
-            prompt = tok.encode(text, add_special_tokens=False).ids
-        else:
-            prompt = [model.bos_id, *tok.encode(a.prompt, add_special_tokens=False).ids]
-    if pte is not None and eager is not None:
-        if pte.vocab_size != eager.vocab_size:
-            raise GenerateError(
-                f"--compare: {pte.path} has a vocabulary of {pte.vocab_size} tokens, the eager model {eager.vocab_size}"
-            )
-        return compare(pte, eager, prompt, a)
+        return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, None, a)
+    tok = load_tokenizer(tok_path, model.vocab_size)
+    if not a.chat:
+        if a.render:
+            print(tok.id_to_token(model.bos_id) + a.prompt, end="")
+            return 0
+        prompt = [model.bos_id, *tok.encode(a.prompt, add_special_tokens=False).ids]
+        return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, tok, a)
+    folder = tok_path.parent
+    session = chat.Chat(model, tok, chat.template(folder), chat.special_tokens(folder), enable_thinking=a.think)
+    first = ([{"role": "system", "content": a.system}] if a.system else []) + read_messages(a.messages)
+    if a.prompt is not None or a.messages:
+        first += [{"role": "user", "content": a.prompt}] if a.prompt is not None else []
+        if a.render or (pte and eager):
+            session.messages = first
+            if a.render:
+                print(session.text(), end="")
+                return 0
+            assert pte and eager
+            return compare(pte, eager, session.prompt(), a)
+        return turn(session, first, tok, a)
+    for line in sys.stdin:  # one user turn per line; the cache is kept between turns
+        turn(session, [*first, {"role": "user", "content": line.rstrip("\n")}], tok, a)
+        first = []
+    return 0
 
-    printed = ""
-    ids: list[int] = []
 
-    def stream(i: int) -> None:
-        nonlocal printed
-        ids.append(i)
-        if tok is None:
+def read_messages(path: str | None) -> list[chat.Message]:
+    """The conversation in a --messages JSON file (a list of role/content objects)."""
+    if path is None:
+        return []
+    try:
+        msgs = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise GenerateError(f"--messages {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise GenerateError(f"--messages {path}: not JSON ({e})") from None
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
+        raise GenerateError(f'--messages {path}: must be a JSON list of {{"role": ..., "content": ...}} objects')
+    return msgs
+
+
+class Printer:
+    """Streams decoded text; a thought (<|channel>...<channel|>) is hidden, or shown between marks."""
+
+    def __init__(self, tok, show_thinking: bool):  # noqa: ANN001 (tokenizers.Tokenizer or None: print ids)
+        self.tok, self.show = tok, show_thinking
+        marks = [tok.token_to_id(m) if tok else None for m in (chat.THOUGHT_OPEN, chat.THOUGHT_CLOSE)]
+        self.open: int | None = marks[0]
+        self.close: int | None = marks[1]
+        self.ids: list[int] = []
+        self.printed, self.thinking = "", False
+
+    def __call__(self, i: int) -> None:
+        """Prints what token `i` adds to the text."""
+        if self.tok is None:
             print(i, end=" ", flush=True)
             return
-        text = tok.decode(ids)
-        if not text.endswith("\ufffd"):  # hold back a partial UTF-8 character
-            print(text[len(printed) :], end="", flush=True)
-            printed = text
+        if i in (self.open, self.close):
+            self.thinking = i == self.open
+            self.ids, self.printed = [], ""
+            if self.show:
+                print("[thought] " if self.thinking else " [/thought]\n", end="", flush=True)
+            return
+        self.ids.append(i)
+        text = self.tok.decode(self.ids)
+        if (self.show or not self.thinking) and not text.endswith("\ufffd"):  # hold back a partial character
+            print(text[len(self.printed) :], end="", flush=True)
+            self.printed = text
 
-    sampler = Sampler(a.temperature, a.top_k, a.top_p, a.seed)
-    gen = generate(model, prompt, a.max_new_tokens, sampler, on_token=stream)
+
+def complete(model: EagerModel | PteModel, prompt: list[int], tok, a: argparse.Namespace) -> int:  # noqa: ANN001
+    """Generates from prompt ids and prints the text (the ids without a tokenizer), then a stats line."""
+    g = generate(model, prompt, a.max_new_tokens, sampler(a), on_token=Printer(tok, a.show_thinking))
     print()
-    print(gen.stats, file=sys.stderr)
+    print(g.stats, file=sys.stderr)
     return 0
+
+
+def turn(session: chat.Chat, messages: list[chat.Message], tok, a: argparse.Namespace) -> int:  # noqa: ANN001
+    """One chat turn: the reply streamed, then a stats line with how many cached tokens were reused."""
+    g = session.reply(messages, a.max_new_tokens, sampler(a), Printer(tok, a.show_thinking))
+    reused = len(session.cached) - (len(g.ids) - 1) - g.prompt_tokens
+    print()
+    print(f"{g.stats} | {reused} cached tokens reused", file=sys.stderr)
+    return 0
+
+
+def sampler(a: argparse.Namespace) -> Sampler:
+    """The sampler the flags ask for."""
+    return Sampler(a.temperature, a.top_k, a.top_p, a.seed)
 
 
 def compare(pte: PteModel, eager: EagerModel, prompt: list[int], a: argparse.Namespace) -> int:

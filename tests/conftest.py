@@ -8,9 +8,8 @@ import g4
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py, tests/tiny_tokenizer.py
 
-from tiny_tokenizer import build as build_tokenizer  # noqa: E402
-
 from g4.export.__main__ import main as export_main  # noqa: E402
+from g4.run import TINY  # noqa: E402
 
 torch.manual_seed(0)
 
@@ -35,7 +34,8 @@ def pte_fp32(tmp_path_factory):
 def pte_8da4w(tmp_path_factory):
     ck = tmp_path_factory.mktemp("ck")
     g4.write_random_checkpoint(g4.CONFIGS["tiny"], ck, seed=0, dtype=torch.float32)
-    build_tokenizer().save(str(ck / "tokenizer.json"))
+    for f in TINY.iterdir():  # tokenizer.json, tokenizer_config.json, chat_template.jinja
+        (ck / f.name).write_bytes(f.read_bytes())
     out = tmp_path_factory.mktemp("q") / "tiny-8da4w.pte"
     assert (
         export_main(
@@ -56,3 +56,12 @@ def pte_8da4w(tmp_path_factory):
         == 0
     )
     return out, ck
+
+
+@pytest.fixture(scope="session")
+def pte_kv8(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kv8") / "tiny-kv8.pte"
+    assert (
+        export_main(["tiny", str(out), "--max-seq-len", str(CTX), "--max-chunk", str(CHUNK), "--kv-cache", "int8"]) == 0
+    )
+    return out

@@ -42,6 +42,7 @@ EXPORT = [
     (["{out}", "--checkpoint", "{ck}"], "tokenizer.json exists and differs from"),
     (["e2b", "{out}", "--checkpoint", "{ck}"], "is not e2b: vocab_size 512 (not 262144)"),
     (["{out}"], "give a SIZE, or --checkpoint DIR"),
+    (["{out}", "--checkpoint", "{badgen}"], "generation_config.json: not JSON"),
 ]
 
 
@@ -49,8 +50,13 @@ EXPORT = [
 def test_export_bad_input(tmp_path, tiny_ck, capsys, args, message):
     (tmp_path / "dir").mkdir()
     (tmp_path / "tokenizer.json").write_text("{}")  # someone else's tokenizer next to OUT
+    badgen = tmp_path / "badgen"  # the tiny checkpoint with a broken generation_config.json
+    badgen.mkdir()
+    for f in tiny_ck.iterdir():
+        (badgen / f.name).symlink_to(f)
+    (badgen / "generation_config.json").write_text("{")
     before = files(tmp_path)
-    argv = [a.format(out=tmp_path / "x.pte", dir=tmp_path / "dir", ck=tiny_ck) for a in args]
+    argv = [a.format(out=tmp_path / "x.pte", dir=tmp_path / "dir", ck=tiny_ck, badgen=badgen) for a in args]
     assert export_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
@@ -83,6 +89,16 @@ RUN = [
     (["{pte}", "--compare", "--checkpoint", "{small}", "--tokens", "2"], "vocabulary"),
     (["--eager", "--size", "e9b", "--tokens", "2"], "--size e9b is not one of"),
     (["{missing}", "--tokens", "2"], "no such file"),
+    (["--eager", "--size", "tiny"], "give --prompt or --tokens, or --chat to read turns from stdin"),
+    (["--eager", "--size", "tiny", "--chat", "--tokens", "2"], "--tokens are fed as they are"),
+    (["--eager", "--size", "tiny", "--tokens", "2", "--render"], "--render prints the text of a --prompt"),
+    (["--eager", "--size", "tiny", "--messages", "{missing}"], "none.pte: No such file or directory"),
+    (["--eager", "--size", "tiny", "--messages", "{notjson}"], "notjson.json: not JSON"),
+    (["--eager", "--size", "tiny", "--messages", "{notlist}"], "must be a JSON list of"),
+    (
+        ["--eager", "--tokenizer", "{badcfg}", "--size", "tiny", "--chat", "--prompt", "hi"],
+        "tokenizer_config.json: not",
+    ),
 ]
 
 
@@ -101,7 +117,20 @@ def small_vocab_ck(tmp_path_factory):
 def test_run_bad_input(tmp_path, pte_fp32, small_vocab_ck, capsys, args, message):
     build_tokenizer().save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no system role') }}")
-    fill = dict(tpl=tmp_path / "tokenizer.json", pte=pte_fp32, small=small_vocab_ck, missing=tmp_path / "none.pte")
+    (tmp_path / "notjson.json").write_text("[{")
+    (tmp_path / "notlist.json").write_text('{"role": "user"}')
+    (tmp_path / "cfg").mkdir()
+    build_tokenizer().save(str(tmp_path / "cfg" / "tokenizer.json"))
+    (tmp_path / "cfg" / "tokenizer_config.json").write_text("[]")
+    fill = dict(
+        tpl=tmp_path / "tokenizer.json",
+        pte=pte_fp32,
+        small=small_vocab_ck,
+        missing=tmp_path / "none.pte",
+        notjson=tmp_path / "notjson.json",
+        notlist=tmp_path / "notlist.json",
+        badcfg=tmp_path / "cfg" / "tokenizer.json",
+    )
     assert run_main([a.format(**fill) for a in args]) == 2
     ours = capsys.readouterr().err.strip().splitlines()
     err = [ln for ln in ours if not ln.startswith("[cpuinfo")]  # ExecuTorch's runtime logs its first CPU probe

@@ -8,7 +8,6 @@ import attrs
 import pytest
 import torch
 from conftest import CHUNK, CTX
-from tiny_tokenizer import build as build_tokenizer
 
 import g4
 from g4.export import ExportOptions, quantize_params
@@ -107,32 +106,10 @@ def test_quantized_pte_matches_eager_quantized(pte_8da4w, capsys):
     assert (ck.parent / out.parent.name / "tokenizer.json").exists() or (out.parent / "tokenizer.json").exists()
 
 
-def test_text_llm_runner_generates_eager_greedy(pte_fp32, tmp_path):
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
-    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
-
-    tok = build_tokenizer()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    prompt = "ab cd efg hij"
-    runner = TextLLMRunner(str(pte_fp32), str(tmp_path / "tokenizer.json"))
-    pieces, stats = [], []
-    runner.generate(
-        prompt,
-        GenerationConfig(max_new_tokens=16, temperature=0.0, echo=False),
-        token_callback=pieces.append,
-        stats_callback=stats.append,
-    )
-    ids = tok.encode(prompt).ids
-    want, _ = greedy_eager(g4.init_params(CFG, seed=0), torch.tensor([ids]), len(pieces))
-    assert stats[0].num_prompt_tokens == len(ids) and len(pieces) == 16
-    assert pieces == [tok.decode([i]) for i in want]
-
-
-def test_int8_kv_cache_pte(tmp_path, capsys):
+def test_int8_kv_cache_pte(pte_kv8, capsys):
     from g4.export.shim import Shim
 
-    out = tmp_path / "tiny-kv8.pte"
-    assert main(["tiny", str(out), "--max-seq-len", str(CTX), "--max-chunk", str(CHUNK), "--kv-cache", "int8"]) == 0
+    out = pte_kv8
     params = g4.init_params(CFG, seed=0)
     seq = torch.randint(0, CFG.vocab_size, (1, 60), generator=torch.Generator().manual_seed(1))
     got = run_pte(load_method(out), seq, 20)  # 20-token prefill, 40 decode steps past the window

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 import transformers
@@ -7,7 +5,7 @@ from tiny_tokenizer import build as build_tokenizer
 
 import g4
 from g4.generation import GenerateError, PteModel, Sampler, generate
-from g4.run import GEMMA4_TURN, TINY_TOKENIZER, main, render_chat
+from g4.run import TINY, main
 
 CFG = g4.CONFIGS["tiny"]
 PROMPT = [2, 17, 42, 99, 5, 300]
@@ -62,46 +60,13 @@ def test_generation_stops_at_eos(eager):
     assert generate(eager, PROMPT, 5, stop=(stop,)).ids == first[: first.index(stop) + 1]
 
 
-# A Gemma 4 style template (turn markers <|turn> / <turn|>, role "model" for the assistant).
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{{ m['content'] }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
-)
-
-
-def test_chat_format_matches_the_checkpoint_template(tmp_path):
-    tok = build_tokenizer()
-    tok.add_special_tokens(["<|turn>", "<turn|>"])
-    tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE, "bos_token": "<bos>"}))
-    conv = [
-        {"role": "user", "content": "hi there"},
-        {"role": "assistant", "content": "ab cd"},
-        {"role": "user", "content": "and now"},
-    ]
-    from g4.run import chat_template
-
-    ours = tok.encode(render_chat(conv, chat_template(tmp_path / "tokenizer.json")), add_special_tokens=False).ids
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<bos>")
-    want = hf.apply_chat_template(conv, chat_template=TEMPLATE, add_generation_prompt=True, tokenize=True)
-    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
-    assert ours == list(want)
-    turn, end = tok.token_to_id("<|turn>"), tok.token_to_id("<turn|>")
-    assert ours[0] == 2 and ours.count(turn) == 4 and ours.count(end) == 3
-    # Without a template, the built-in single-turn layout is Gemma 4's turn format.
-    assert render_chat([{"role": "user", "content": "x"}], None) == GEMMA4_TURN.format(prompt="x")
-    assert GEMMA4_TURN == "<bos><|turn>user\n{prompt}<turn|>\n<|turn>model\n"
-
-
 def test_cli_streams_text_and_stats(pte_fp32, capsys, tmp_path):
-    assert main([str(pte_fp32), "--tokenizer", str(TINY_TOKENIZER), "--prompt", "ab cd", "--max-new-tokens", "8"]) == 0
+    assert (
+        main([str(pte_fp32), "--tokenizer", str(TINY / "tokenizer.json"), "--prompt", "ab cd", "--max-new-tokens", "8"])
+        == 0
+    )
     out = capsys.readouterr()
     assert out.out.strip() and "tok/s" in out.err and "peak RSS" in out.err
-
-
-def test_shipped_tiny_tokenizer_is_reproducible():
-    assert json.loads(TINY_TOKENIZER.read_text()) == json.loads(build_tokenizer().to_str())
-    assert build_tokenizer().get_vocab_size() == CFG.vocab_size
 
 
 def test_bad_inputs_exit_2_with_one_line(pte_fp32, tmp_path, capsys):

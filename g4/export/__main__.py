@@ -12,11 +12,12 @@ from pathlib import Path
 import attrs
 import torch
 
+from g4.chat import stop_ids
 from g4.checkpoint import CheckpointError, load_checkpoint, read_config
 from g4.config import CONFIGS, Config
 from g4.export import ExportOptions, Quantizer, export_pte, memory
 from g4.params import build, init_value
-from g4.run import TINY_TOKENIZER
+from g4.run import TINY
 
 HUB_REPOS = {"e2b": "gemma-4-E2B", "e4b": "gemma-4-E4B"}
 TOKENIZER_FILES = (
@@ -111,12 +112,12 @@ def _checked(cfg: Config, size: str | None, ckpt: Path) -> Config:
 
 def tokenizer_files(ckpt: Path | None, out: Path, force: bool) -> list[tuple[Path, Path]]:
     """(source, destination) of each tokenizer file to copy next to `out`: the checkpoint's (or, for
-    random weights, the tiny tokenizer). An identical file already there is left alone; a differing one
+    random weights, the tiny model's). An identical file already there is left alone; a differing one
     is a UsageError unless `force`."""
-    sources = [TINY_TOKENIZER] if ckpt is None else [ckpt / n for n in TOKENIZER_FILES if (ckpt / n).is_file()]
+    folder = TINY if ckpt is None else ckpt
     plan = []
-    for src in sources:
-        dst = out.parent / ("tokenizer.json" if src == TINY_TOKENIZER else src.name)
+    for src in [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]:
+        dst = out.parent / src.name
         if dst.is_file() and dst.read_bytes() == src.read_bytes():
             continue
         if dst.exists() and not force:
@@ -139,7 +140,9 @@ def run(a: argparse.Namespace) -> int:
         opts = ExportOptions(**{f.name: getattr(a, f.name) for f in attrs.fields(ExportOptions)})
         cfg, ckpt, source = weights_source(a)
         opts.check(cfg)  # e.g. an int4 group size that does not divide a width of this config
-    except ValueError as e:
+        # The runners stop at the .pte's eos ids: Gemma 4's end of turn and tool-call stops too.
+        stops = stop_ids(ckpt if ckpt is not None else TINY if a.size == "tiny" else None, cfg.eos_token_id)
+    except ValueError as e:  # GenerateError too
         raise UsageError(str(e)) from None
     # Random E2B/E4B weights have no tokenizer to copy.
     tokenizers = [] if ckpt is None and a.size != "tiny" else tokenizer_files(ckpt, out, a.force)
@@ -159,7 +162,7 @@ def run(a: argparse.Namespace) -> int:
         f"load + quantize ({opts.quantize}, embeddings {opts.embedding_quantize or 'none'}): "
         f"{time.perf_counter() - t0:.1f} s{memory()}"
     )
-    export_pte(cfg, q.finish(weights), out, opts, log=say)
+    export_pte(attrs.evolve(cfg, eos_token_id=stops), q.finish(weights), out, opts, log=say)
     for src, dst in tokenizers:  # the tokenizer travels with the .pte, so `python -m g4.run OUT.pte` finds it
         say(f"  {'replaced' if dst.exists() else 'wrote'} {dst} (from {src})")
         shutil.copyfile(src, dst)
