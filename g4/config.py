@@ -35,6 +35,7 @@ class LayerSpec:
     partial_rotary_factor: float  # 1.0: all dims rotated ("default" RoPE)
     intermediate_size: int
     kv_source: int  # layer whose K/V this layer attends to: itself, or its donor if KV-shared
+    k_eq_v: bool = False  # values are the key projection (31B, 26B-A4B full layers: no v_proj)
 
     @property
     def is_sliding(self) -> bool:
@@ -74,10 +75,15 @@ class Config:
     pad_token_id: int = 0
     eos_token_id: tuple[int, ...] = attrs.field(default=(1,), converter=_tuple)
     bos_token_id: int = 2
-    # Present in larger Gemma 4 sizes (31B, 26B-A4B); not supported yet, kept so configs say so.
+    # 31B and 26B-A4B: full layers take their values from the key projection, with their own KV-head
+    # count (HF applies num_global_key_value_heads only together with attention_k_eq_v).
     attention_k_eq_v: bool = False
     num_global_key_value_heads: int | None = None
+    # 26B-A4B: every layer adds a routed mixture of experts beside its dense MLP.
     enable_moe_block: bool = False
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
 
     def __attrs_post_init__(self) -> None:
         if len(self.layer_types) != self.num_hidden_layers:
@@ -86,8 +92,14 @@ class Config:
             )
         if bad := sorted(set(self.layer_types) - set(LAYER_TYPES)):
             raise ConfigError(f"layer_types: unknown layer type(s) {bad}; expected {LAYER_TYPES}")
-        if self.attention_k_eq_v or self.enable_moe_block:
-            raise ConfigError("attention_k_eq_v / enable_moe_block (Gemma 4 31B, 26B-A4B) are not supported yet")
+        if self.enable_moe_block and not (
+            self.num_experts >= 1 and 1 <= self.top_k_experts <= self.num_experts and self.moe_intermediate_size >= 1
+        ):
+            got = f"{self.num_experts}, {self.top_k_experts}, {self.moe_intermediate_size}"
+            raise ConfigError(
+                "enable_moe_block needs num_experts >= 1, top_k_experts in [1, num_experts] and "
+                f"moe_intermediate_size >= 1, got {got}"
+            )
         if not 0 <= self.num_kv_shared_layers < self.num_hidden_layers:
             raise ConfigError(f"num_kv_shared_layers={self.num_kv_shared_layers} out of range")
         owners = set(self.layer_types[: self.first_shared])
@@ -96,8 +108,12 @@ class Config:
                 f"layer_types / num_kv_shared_layers: KV-shared layers of type {missing} have no donor "
                 f"(no non-shared layer of that type before layer {self.first_shared})"
             )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        for s in self.layers:
+            if self.num_attention_heads % s.num_kv_heads:
+                raise ConfigError(
+                    f"num_attention_heads ({self.num_attention_heads}) must be a multiple of the KV heads of "
+                    f"{s.type} layers ({s.num_kv_heads})"
+                )
 
     @property
     def first_shared(self) -> int:
@@ -112,6 +128,8 @@ class Config:
             for t in LAYER_TYPES
             if t in self.layer_types[: self.first_shared]
         }
+        k_eq_v = self.attention_k_eq_v  # full layers only
+        full_kv = self.num_global_key_value_heads if k_eq_v and self.num_global_key_value_heads else None
         specs = []
         for i, t in enumerate(self.layer_types):
             shared = i >= self.first_shared
@@ -122,11 +140,12 @@ class Config:
                     type=t,
                     window=self.sliding_window if sliding else None,
                     head_dim=self.head_dim if sliding else self.global_head_dim,
-                    num_kv_heads=self.num_key_value_heads,
+                    num_kv_heads=self.num_key_value_heads if sliding or full_kv is None else full_kv,
                     rope_theta=self.rope_local_base_freq if sliding else self.rope_theta,
                     partial_rotary_factor=1.0 if sliding else self.partial_rotary_factor,
                     intermediate_size=self.intermediate_size * wide,
                     kv_source=donor[t] if shared else i,
+                    k_eq_v=k_eq_v and not sliding,
                 )
             )
         return tuple(specs)
@@ -190,4 +209,69 @@ CONFIGS: dict[str, Config] = {
         vocab_size_per_layer_input=262_144,
         eos_token_id=(1, 106),
     ),
+    # The larger models: no per-layer embeddings, no KV sharing, window 1024, and full layers whose
+    # values are their keys, with fewer KV heads. 26B-A4B adds 128 experts (8 per token) to every layer;
+    # its dense MLP is config.json's intermediate_size, 2112 (the 25.2 B total checks it).
+    "31b": Config(
+        vocab_size=262_144,
+        hidden_size=5376,
+        intermediate_size=21_504,
+        num_hidden_layers=60,
+        num_attention_heads=32,
+        num_key_value_heads=16,
+        head_dim=256,
+        global_head_dim=512,
+        layer_types=_pattern(5, 10),
+        sliding_window=1024,
+        num_kv_shared_layers=0,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=262_144,
+        max_position_embeddings=262_144,
+        eos_token_id=(1, 106),
+        attention_k_eq_v=True,
+        num_global_key_value_heads=4,
+    ),
+    "26b-a4b": Config(
+        vocab_size=262_144,
+        hidden_size=2816,
+        intermediate_size=2112,
+        num_hidden_layers=30,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        global_head_dim=512,
+        layer_types=_pattern(5, 5),
+        sliding_window=1024,
+        num_kv_shared_layers=0,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=262_144,
+        max_position_embeddings=262_144,
+        eos_token_id=(1, 106),
+        attention_k_eq_v=True,
+        num_global_key_value_heads=2,
+        enable_moe_block=True,
+        num_experts=128,
+        top_k_experts=8,
+        moe_intermediate_size=704,
+    ),
 }
+
+# Tiny stand-ins of the two larger kinds, for tests: the tiny size's widths, 31B's and 26B-A4B's features.
+CONFIGS["tiny-31b"] = attrs.evolve(
+    CONFIGS["tiny"],
+    num_kv_shared_layers=0,
+    hidden_size_per_layer_input=0,
+    use_double_wide_mlp=False,
+    attention_k_eq_v=True,
+    num_global_key_value_heads=1,
+)
+CONFIGS["tiny-26b"] = attrs.evolve(
+    CONFIGS["tiny-31b"],
+    num_hidden_layers=4,  # half the layers: its exports lower in half the time
+    layer_types=_pattern(1, 2),
+    intermediate_size=64,
+    enable_moe_block=True,
+    num_experts=8,
+    top_k_experts=2,
+    moe_intermediate_size=32,
+)

@@ -17,9 +17,13 @@ MM_IGNORED = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision."
 SHARED_KV_IGNORED = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
 
 
+# Tensors that are parameters of their own in transformers, not a module's `.weight`.
+BARE = ("layer_scalar", "router.scale", "router.per_expert_scale", "experts.gate_up_proj", "experts.down_proj")
+
+
 def hf_name(path: str) -> str:
     """Tree path -> text-decoder key without prefix: `layers.0.self_attn.q_proj` -> `...q_proj.weight`."""
-    return path if path.endswith("layer_scalar") else path + ".weight"
+    return path if path.endswith(BARE) else path + ".weight"
 
 
 def to_hf_state_dict(params: Params, prefix: str = TEXT_PREFIX) -> dict[str, Tensor]:
@@ -63,14 +67,16 @@ def config_from_hf(d: Mapping[str, Any]) -> Config:
     if full_rope.get("rope_type") != "proportional" or full_rope.get("factor", 1.0) != 1.0:
         raise ConfigError(f"config.json: rope_parameters.{FULL} must be 'proportional' without factor")
 
-    # Full-layer head_dim: flat `global_head_dim` (hub files) or HF 5.x's `per_layer_config`.
-    global_head_dim = d.get("global_head_dim")
+    # Full-layer head_dim and KV heads: flat `global_head_dim` / `num_global_key_value_heads` (hub
+    # files) or HF 5.x's `per_layer_config`.
+    flat = {"head_dim": d.get("global_head_dim"), "num_key_value_heads": d.get("num_global_key_value_heads")}
     for i, over in (d.get("per_layer_config") or {}).items():
-        hd = over.get("head_dim")
-        if hd is not None:
-            if global_head_dim not in (None, hd):
-                raise ConfigError(f"config.json: per_layer_config[{i}].head_dim={hd} differs from others")
-            global_head_dim = hd
+        for key in flat:
+            if over.get(key) is not None:
+                if flat[key] not in (None, over[key]):
+                    raise ConfigError(f"config.json: per_layer_config[{i}].{key}={over[key]} differs from others")
+                flat[key] = over[key]
+    global_head_dim = flat["head_dim"]
     eos = need("eos_token_id") if "eos_token_id" in d else 1
     return Config(
         vocab_size=int(need("vocab_size")),
@@ -97,8 +103,11 @@ def config_from_hf(d: Mapping[str, Any]) -> Config:
         eos_token_id=eos if isinstance(eos, list) else [eos],
         bos_token_id=int(d.get("bos_token_id", 2)),
         attention_k_eq_v=bool(d.get("attention_k_eq_v", False)),
-        num_global_key_value_heads=d.get("num_global_key_value_heads"),
+        num_global_key_value_heads=flat["num_key_value_heads"],
         enable_moe_block=bool(d.get("enable_moe_block", False)),
+        num_experts=int(d.get("num_experts") or 0),
+        top_k_experts=int(d.get("top_k_experts") or 0),
+        moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
     )
 
 
@@ -134,8 +143,12 @@ def config_to_hf(cfg: Config) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_position_embeddings,
         "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": False,
-        "attention_k_eq_v": False,
-        "enable_moe_block": False,
+        "attention_k_eq_v": cfg.attention_k_eq_v,
+        "num_global_key_value_heads": cfg.num_global_key_value_heads,
+        "enable_moe_block": cfg.enable_moe_block,
+        "num_experts": cfg.num_experts or None,
+        "top_k_experts": cfg.top_k_experts or None,
+        "moe_intermediate_size": cfg.moe_intermediate_size or None,
         "tie_word_embeddings": True,
         "pad_token_id": cfg.pad_token_id,
         "eos_token_id": list(cfg.eos_token_id),

@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 @attrs.frozen
 class Attention:
-    """Attention weights; a KV-shared layer has no k_proj, v_proj or k_norm (they are None)."""
+    """Attention weights; a KV-shared layer has no k_proj, v_proj or k_norm, a k_eq_v layer no v_proj (None)."""
 
     q_proj: Tensor  # [nq*d, H]
     k_proj: Tensor | None  # [nkv*d, H]
@@ -42,8 +42,25 @@ class Mlp:
 
 
 @attrs.frozen
+class Router:
+    """Chooses each token's experts (26B-A4B)."""
+
+    proj: Tensor  # [E, H]
+    scale: Tensor  # [H]; the router's RMSNorm itself has no weight
+    per_expert_scale: Tensor  # [E]
+
+
+@attrs.frozen
+class Experts:
+    """The experts' weights, stacked as on the hub."""
+
+    gate_up_proj: Tensor  # [E, 2I, H]: gate rows, then up rows
+    down_proj: Tensor  # [E, H, I]
+
+
+@attrs.frozen
 class Layer:
-    """One decoder layer; PLE weights are None when the config has no per-layer embeddings."""
+    """One decoder layer; PLE weights are None without per-layer embeddings, MoE weights without experts."""
 
     self_attn: Attention
     mlp: Mlp
@@ -55,6 +72,11 @@ class Layer:
     per_layer_projection: Tensor | None  # [H, P]
     post_per_layer_input_norm: Tensor | None  # [H]
     layer_scalar: Tensor  # [1]; multiplies the whole residual stream at the end of the layer
+    router: Router | None = None
+    experts: Experts | None = None
+    pre_feedforward_layernorm_2: Tensor | None = None  # [H] before the experts
+    post_feedforward_layernorm_1: Tensor | None = None  # [H] after the dense MLP
+    post_feedforward_layernorm_2: Tensor | None = None  # [H] after the experts
 
 
 @attrs.frozen
@@ -70,7 +92,7 @@ class Params:
     lm_head: Tensor | None = None  # None: tied to embed_tokens (checkpoints); the exporter may set a copy
 
 
-NODES = (Attention, Mlp, Layer, Params)
+NODES = (Attention, Mlp, Router, Experts, Layer, Params)
 
 
 def _flatten(node: Any) -> tuple[list[Any], tuple[str, ...]]:
@@ -141,7 +163,8 @@ def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
         s[p + "self_attn.q_proj"] = (nq * d, H)
         if owns_kv:
             s[p + "self_attn.k_proj"] = (nkv * d, H)
-            s[p + "self_attn.v_proj"] = (nkv * d, H)
+            if not spec.k_eq_v:
+                s[p + "self_attn.v_proj"] = (nkv * d, H)
         s[p + "self_attn.o_proj"] = (H, nq * d)
         s[p + "self_attn.q_norm"] = (d,)
         if owns_kv:
@@ -161,6 +184,15 @@ def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
             s[p + "per_layer_projection"] = (H, P)
             s[p + "post_per_layer_input_norm"] = (H,)
         s[p + "layer_scalar"] = (1,)
+        if cfg.enable_moe_block:
+            E, I = cfg.num_experts, cfg.moe_intermediate_size
+            s[p + "router.proj"] = (E, H)
+            s[p + "router.scale"] = (H,)
+            s[p + "router.per_expert_scale"] = (E,)
+            s[p + "experts.gate_up_proj"] = (E, 2 * I, H)
+            s[p + "experts.down_proj"] = (E, H, I)
+            for n in ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"):
+                s[p + n] = (H,)
     return s
 
 
@@ -174,13 +206,11 @@ def build(cfg: Config, get: Callable[[str, tuple[int, ...]], Tensor]) -> Params:
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
-        layers.append(
-            Layer(
-                self_attn=Attention(**{n: g(p + "self_attn." + n) for n in attrs.fields_dict(Attention)}),
-                mlp=Mlp(**{n: g(p + "mlp." + n) for n in attrs.fields_dict(Mlp)}),
-                **{n: g(p + n) for n in attrs.fields_dict(Layer) if n not in ("self_attn", "mlp")},
-            )
-        )
+        nodes = {"self_attn": Attention, "mlp": Mlp, "router": Router, "experts": Experts}
+        kids = {k: node(**{n: g(f"{p}{k}.{n}") for n in attrs.fields_dict(node)}) for k, node in nodes.items()}
+        if not cfg.enable_moe_block:
+            kids["router"] = kids["experts"] = None
+        layers.append(Layer(**kids, **{n: g(p + n) for n in attrs.fields_dict(Layer) if n not in nodes}))
     top = {n: g(n) for n in attrs.fields_dict(Params) if n not in ("layers", "lm_head")}
     return Params(**top, layers=tuple(layers))
 
@@ -201,7 +231,7 @@ def init_value(path: str, shape: tuple[int, ...], cfg: Config, gen: torch.Genera
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
     if name == "embed_tokens_per_layer":  # looked up per layer in slices of width P
         return torch.randn(shape, generator=gen) * cfg.hidden_size_per_layer_input**-0.5
-    return torch.randn(shape, generator=gen) * shape[1] ** -0.5
+    return torch.randn(shape, generator=gen) * shape[-1] ** -0.5  # [..., out, in]
 
 
 def init_params(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Params:

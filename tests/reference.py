@@ -13,6 +13,7 @@ def hf_model(cfg: g4.Config, params: g4.Params, dtype: torch.dtype = torch.float
     """A `Gemma4ForCausalLM` (eager attention) holding exactly `params`."""
     hf_cfg = transformers.Gemma4TextConfig(**config_to_hf(cfg))
     hf_cfg._attn_implementation = "eager"
+    hf_cfg._experts_implementation = "eager"  # the per-expert loop of the modeling code (default: grouped_mm)
     model = transformers.Gemma4ForCausalLM(hf_cfg).eval()
     sd = to_hf_state_dict(params)
     sd["lm_head.weight"] = params.embed_tokens
@@ -29,3 +30,14 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """Reference logits of a full causal forward, no cache."""
     with torch.no_grad():
         return model(input_ids=tokens, use_cache=False).logits
+
+
+def hf_cached_logits(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' own cached decoding on `ids`: a prefill of `n` tokens, then one token at a time."""
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :n], use_cache=True)
+        logits = [out.logits]
+        for t in range(n, ids.shape[1] - 1):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, 1)

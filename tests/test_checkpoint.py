@@ -28,10 +28,10 @@ def ref_logits(model):
         return model(input_ids=TOKENS, use_cache=False).logits
 
 
-def small_multimodal(params):
+def small_multimodal(params, cfg=CFG):
     """A Gemma4ForConditionalGeneration with the smallest vision/audio towers, holding `params` as text."""
     mm_cfg = transformers.Gemma4Config(
-        text_config=transformers.Gemma4TextConfig(**config_to_hf(CFG)).to_dict(),
+        text_config=transformers.Gemma4TextConfig(**config_to_hf(cfg)).to_dict(),
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
@@ -78,6 +78,25 @@ def test_roundtrip_from_transformers(tmp_path, params, layout, shard):
     assert (g4_logits(cfg, loaded) - ref_logits(model)).abs().max() <= 1e-4
     for (_, a), (_, b) in zip(g4.params.leaves_with_path(loaded), g4.params.leaves_with_path(params), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["tiny-31b", "tiny-26b"])
+@pytest.mark.parametrize("layout", ["causal", "multimodal"])
+def test_larger_kinds_roundtrip_from_transformers(tmp_path, name, layout):
+    cfg = g4.CONFIGS[name]
+    params = g4.init_params(cfg, seed=7)
+    model = hf_model(cfg, params) if layout == "causal" else small_multimodal(params, cfg)
+    model.config._experts_implementation = "eager"
+    model.save_pretrained(tmp_path, max_shard_size="300KB")
+    loaded_cfg, loaded = g4.load_checkpoint(tmp_path)
+    assert loaded_cfg == cfg
+    for (_, a), (_, b) in zip(g4.params.leaves_with_path(loaded), g4.params.leaves_with_path(params), strict=True):
+        assert torch.equal(a, b)
+    assert (g4_logits(cfg, loaded) - ref_logits(model)).abs().max() <= 1e-4
+    # Random checkpoints of these kinds load in transformers with every tensor in place.
+    g4.write_random_checkpoint(cfg, tmp_path / "random", seed=3, dtype=torch.float32)
+    _, info = transformers.Gemma4ForCausalLM.from_pretrained(tmp_path / "random", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
 
 def test_random_writer_loads_in_transformers(tmp_path):

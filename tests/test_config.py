@@ -7,7 +7,7 @@ import transformers
 
 import g4
 from g4.config import FULL, SLIDING, ConfigError
-from g4.hf import config_from_hf, config_to_hf
+from g4.hf import config_from_hf, config_to_hf, hf_name
 from g4.params import param_shapes
 
 
@@ -15,18 +15,18 @@ def n_params(cfg):
     return sum(math.prod(s) for p, s in param_shapes(cfg).items() if not p.endswith("layer_scalar"))
 
 
-@pytest.mark.parametrize("name", ["e2b", "e4b"])
+@pytest.mark.parametrize("name", ["e2b", "e4b", "31b", "26b-a4b"])
 def test_real_sizes_match_transformers(name):
     # Every tensor of the text decoder, by name and shape, as transformers builds it (on the meta device).
     cfg = g4.CONFIGS[name]
     with torch.device("meta"):
         ref = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**config_to_hf(cfg)))
     want = {
-        k.removeprefix("model.").removesuffix(".weight"): tuple(v.shape)
+        k.removeprefix("model."): tuple(v.shape)
         for k, v in ref.named_parameters()
         if not k.startswith("lm_head")  # tied
     }
-    assert {p: s for p, s in param_shapes(cfg).items() if not p.endswith("layer_scalar")} == want
+    assert {hf_name(p): s for p, s in param_shapes(cfg).items() if not p.endswith("layer_scalar")} == want
 
 
 def test_real_sizes_counts():
@@ -35,6 +35,16 @@ def test_real_sizes_counts():
     assert n_params(g4.CONFIGS["e4b"]) == 7_463_013_376
     # 540 text tensors for E2B (17 per non-shared layer, 14 per consumer, 5 top-level).
     assert len(param_shapes(g4.CONFIGS["e2b"])) == 540
+    # The larger models, against the totals published for them (31B; 26B-A4B's 25.2 B, which fixes its
+    # dense MLP width at config.json's 2112: 9216, also reported, would make it 26.5 B).
+    assert n_params(g4.CONFIGS["31b"]) == 30_697_345_280
+    moe = g4.CONFIGS["26b-a4b"]
+    assert n_params(moe) == 25_233_141_760
+    assert n_params(attrs.evolve(moe, intermediate_size=9216)) > 26_400_000_000
+    experts = sum(math.prod(s) for p, s in param_shapes(moe).items() if ".experts." in p)
+    assert experts == 22_837_985_280  # 30 layers x 128 x (1408 x 2816 + 2816 x 704)
+    active = n_params(moe) - experts * (1 - moe.top_k_experts / moe.num_experts)
+    assert round(active / 1e9, 2) == 3.82  # 8 of 128 experts per token
 
 
 @pytest.mark.parametrize(
@@ -68,7 +78,7 @@ def test_tiny_keeps_every_feature():
     assert cfg.num_attention_heads > cfg.num_key_value_heads > 1  # GQA
 
 
-@pytest.mark.parametrize("name", ["tiny", "e2b", "e4b"])
+@pytest.mark.parametrize("name", ["tiny", "e2b", "e4b", "31b", "26b-a4b", "tiny-26b"])
 def test_from_hf_roundtrip_text_and_multimodal(name):
     cfg = g4.CONFIGS[name]
     text = transformers.Gemma4TextConfig(**config_to_hf(cfg))
@@ -90,8 +100,29 @@ def test_from_hf_rejects_other_models_and_missing_fields():
         config_from_hf(d)
     with pytest.raises(ConfigError, match="text_config"):
         config_from_hf({"model_type": "gemma4"})
-    with pytest.raises(ConfigError, match="not supported yet"):
-        config_from_hf({**config_to_hf(g4.CONFIGS["tiny"]), "attention_k_eq_v": True})
+    with pytest.raises(ConfigError, match="enable_moe_block needs num_experts >= 1"):
+        config_from_hf({**config_to_hf(g4.CONFIGS["tiny"]), "enable_moe_block": True, "num_experts": 4})
+    with pytest.raises(ConfigError, match=r"multiple of the KV heads of full_attention layers \(3\)"):
+        attrs.evolve(g4.CONFIGS["tiny-31b"], num_global_key_value_heads=3)
+
+
+def test_larger_kinds_per_layer_facts():
+    # HF applies num_global_key_value_heads to full layers only together with attention_k_eq_v.
+    for name, full_kv in [("31b", 4), ("26b-a4b", 2)]:
+        cfg = g4.CONFIGS[name]
+        hf = transformers.Gemma4TextConfig(**config_to_hf(cfg))
+        for i, s in enumerate(cfg.layers):
+            assert s.k_eq_v == (s.type == FULL)
+            assert s.num_kv_heads == (full_kv if s.type == FULL else cfg.num_key_value_heads)
+            assert s.window == (None if s.type == FULL else 1024)
+            assert (hf.per_layer_config[i].num_key_value_heads, hf.per_layer_config[i].head_dim) == (
+                s.num_kv_heads,
+                s.head_dim,
+            )
+    no_k_eq_v = attrs.evolve(g4.CONFIGS["31b"], attention_k_eq_v=False)
+    assert {s.num_kv_heads for s in no_k_eq_v.layers} == {16} and not any(s.k_eq_v for s in no_k_eq_v.layers)
+    hf = transformers.Gemma4TextConfig(**config_to_hf(no_k_eq_v))
+    assert {hf.per_layer_config[i].num_key_value_heads for i in range(60)} == {16}
 
 
 def test_consumer_without_donor_is_rejected():

@@ -319,3 +319,37 @@ def test_export_is_reproducible_and_lean_lowering_changes_no_byte(pte_fp32, tmp_
     assert main(["tiny", str(tmp_path / "plain.pte"), *opts, "--no-lean"]) == 0
     assert (tmp_path / "again.pte").read_bytes() == pte_fp32.read_bytes()
     assert (tmp_path / "plain.pte").read_bytes() == pte_fp32.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def moe_ptes(tmp_path_factory):
+    """The 26B-A4B kind (experts; full layers with values from keys), exported fp32 and 8da4w + emb8."""
+    out = {}
+    for quant in ("none", "8da4w"):
+        path = tmp_path_factory.mktemp(f"moe-{quant}") / "tiny-26b.pte"
+        extra = [] if quant == "none" else ["--quantize", quant, "--embedding-quantize", "8"]
+        assert main(["tiny-26b", str(path), "--max-seq-len", str(CTX), "--max-chunk", str(CHUNK), *extra]) == 0
+        out[quant] = path
+    return out
+
+
+def test_moe_and_k_eq_v_ptes_match_eager(moe_ptes, capsys):
+    cfg = g4.CONFIGS["tiny-26b"]
+    params = g4.init_params(cfg, seed=0)  # what `python -m g4.export tiny-26b` embeds
+    seq = torch.randint(0, cfg.vocab_size, (1, 60), generator=torch.Generator().manual_seed(1))
+    opts = ExportOptions(max_seq_len=CTX, max_chunk=CHUNK, quantize="8da4w", embedding_quantize=8)
+    with torch.no_grad():
+        want = g4.forward(params, cfg, seq, torch.arange(60))[0][:, 19:]
+        want_q = g4.forward(quantize_params(params, opts), cfg, seq, torch.arange(60))[0][:, 19:]
+    got = run_pte(load_method(moe_ptes["none"]), seq, 20)  # chunked prefill, 40 decode steps past the window
+    got_q = run_pte(load_method(moe_ptes["8da4w"]), seq, 20)
+    d = (got - want).abs().max().item()
+    rel_q = ((got_q - want_q).abs().max() / want_q.abs().max()).item()
+    cos_q = torch.nn.functional.cosine_similarity(got_q.flatten(), want_q.flatten(), dim=0).item()
+    with capsys.disabled():
+        print(
+            f"\ntiny-26b .pte: fp32 max|d| vs g4.forward {d:.2e}; 8da4w+emb8 vs eager of the same weights "
+            f"max|d|/max {rel_q:.4f}, cos {cos_q:.5f}"
+        )
+    assert d <= 2e-5 and torch.equal(got.argmax(-1), want.argmax(-1))
+    assert rel_q <= 0.07 and cos_q >= 0.999  # as the dense 8da4w .pte (test_quantized_pte_matches_eager_quantized)

@@ -148,7 +148,26 @@ def test_tiny_model(golden, params):
     }
 
 
-@pytest.mark.parametrize("name", ["tiny", "e2b", "e4b"])
+def test_tiny_26b_model(golden):
+    # The 26B-A4B kind (experts, values from keys on full layers): logits and routing locked.
+    from g4.fn.moe import route
+
+    cfg = g4.CONFIGS["tiny-26b"]
+    params = g4.init_params(cfg, seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, _ = g4.forward(params, cfg, tokens, torch.arange(24))
+        h = g4.fn.embed(params.embed_tokens, tokens, cfg.hidden_size**0.5)[0]
+        weights, experts = route(params.layers[0].router, h, cfg)
+    assert golden == {
+        "logits": Approx(logits),
+        "argmax": logits.argmax(-1),
+        "layer0_experts_of_embeddings": experts,
+        "layer0_expert_weights_of_embeddings": Approx(weights),
+    }
+
+
+@pytest.mark.parametrize("name", ["tiny", "e2b", "e4b", "31b", "26b-a4b"])
 def test_structure(golden, name):
     cfg = g4.CONFIGS[name]
     assert golden == {

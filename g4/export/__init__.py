@@ -25,6 +25,7 @@ from g4.export.lean import free_lowered, lean_lowering
 from g4.export.quant import (
     EMBEDDING_BITS,
     EMBEDDING_TABLES,
+    FLOAT_LINEARS,
     LINEAR_MODES,
     chunked,
     quantize_embedding,
@@ -72,7 +73,12 @@ class ExportOptions:
         shapes = param_shapes(cfg)
         if self.quantize == "8da4w":
             for path, s in shapes.items():
-                if len(s) == 2 and path not in EMBEDDING_TABLES and s[1] % self.group_size:
+                if (
+                    len(s) == 2
+                    and path not in EMBEDDING_TABLES
+                    and not path.endswith(FLOAT_LINEARS)
+                    and s[1] % self.group_size
+                ):
                     raise ValueError(f"group_size {self.group_size} does not divide the input width {s[1]} of {path}")
         if self.embedding_quantize == 4:
             for path in EMBEDDING_TABLES:
@@ -113,7 +119,9 @@ class Quantizer:
             if not o.embedding_quantize:
                 return w.to(o.torch_dtype)
             return chunked(lambda x: quantize_embedding(x, o.embedding_quantize, o.group_size), w, o.torch_dtype)
-        return self.linear(path, w) if w.dim() == 2 else w.to(o.torch_dtype)
+        if w.dim() != 2 or path.endswith(FLOAT_LINEARS):  # 3-D experts too
+            return w.to(o.torch_dtype)
+        return self.linear(path, w)
 
     def linear(self, path: str, w: torch.Tensor) -> torch.Tensor:
         """The linear scheme (`ExportOptions.check` has made sure the shape takes it)."""

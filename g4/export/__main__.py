@@ -19,7 +19,7 @@ from g4.export import ExportOptions, Quantizer, export_pte, memory
 from g4.params import build, init_value
 from g4.run import TINY
 
-HUB_REPOS = {"e2b": "gemma-4-E2B", "e4b": "gemma-4-E4B"}
+HUB_REPOS = {"e2b": "gemma-4-E2B", "e4b": "gemma-4-E4B", "31b": "gemma-4-31B", "26b-a4b": "gemma-4-26B-A4B"}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -78,6 +78,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def is_tiny(size: str | None) -> bool:
+    """The tiny sizes: random weights, and the tiny model's tokenizer."""
+    return size is not None and size.startswith("tiny")
+
+
 def weights_source(a: argparse.Namespace) -> tuple[Config, Path | None, str]:
     """The config, the checkpoint folder (None: seeded random weights) and where the weights come from."""
     if a.size is not None and a.size not in CONFIGS:
@@ -85,7 +90,7 @@ def weights_source(a: argparse.Namespace) -> tuple[Config, Path | None, str]:
     ckpt, found = (Path(a.checkpoint) if a.checkpoint else None), ""
     if ckpt is None and a.size is None:
         raise UsageError("give a SIZE, or --checkpoint DIR")
-    if ckpt is None and (a.random_weights or a.size == "tiny"):
+    if ckpt is None and (a.random_weights or is_tiny(a.size)):
         return CONFIGS[a.size], None, f"random weights (seed {a.seed})"
     if ckpt is None:
         ckpt, found = hub_snapshot(a.size), " (found in the Hugging Face cache)"
@@ -141,11 +146,11 @@ def run(a: argparse.Namespace) -> int:
         cfg, ckpt, source = weights_source(a)
         opts.check(cfg)  # e.g. an int4 group size that does not divide a width of this config
         # The runners stop at the .pte's eos ids: Gemma 4's end of turn and tool-call stops too.
-        stops = stop_ids(ckpt if ckpt is not None else TINY if a.size == "tiny" else None, cfg.eos_token_id)
+        stops = stop_ids(ckpt if ckpt is not None else TINY if is_tiny(a.size) else None, cfg.eos_token_id)
     except ValueError as e:  # GenerateError too
         raise UsageError(str(e)) from None
     # Random E2B/E4B weights have no tokenizer to copy.
-    tokenizers = [] if ckpt is None and a.size != "tiny" else tokenizer_files(ckpt, out, a.force)
+    tokenizers = [] if ckpt is None and not is_tiny(a.size) else tokenizer_files(ckpt, out, a.force)
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     say(f"weights: {source}")
     q = Quantizer(opts)

@@ -19,6 +19,9 @@ from g4.checkpoint import release_pages
 LINEAR_MODES = ("none", "8da8w", "8da4w")
 EMBEDDING_BITS = (0, 8, 4)
 EMBEDDING_TABLES = ("embed_tokens", "embed_tokens_per_layer")
+# Linear weights kept in float: routing is discontinuous (a rounding difference sends a token to
+# another expert) and the router is small.
+FLOAT_LINEARS = ("router.proj",)
 INT = {8: torch.int8, 4: getattr(torch, "int4")}  # noqa: B009 (torch.int4 is missing from the stubs)
 
 

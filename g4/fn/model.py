@@ -14,6 +14,7 @@ from g4.config import Config, LayerSpec
 from g4.fn import cache as kv
 from g4.fn.attention import mask, sdpa
 from g4.fn.cache import KV, Cache, Step
+from g4.fn.moe import moe
 from g4.fn.ops import gelu, mlp, rms_norm, softcap
 from g4.fn.rope import apply_rope, inv_freq, rope_table, rotate_half
 from g4.params import Attention, Layer, Params
@@ -66,10 +67,13 @@ def project_q(p: Attention, spec: LayerSpec, x: Tensor, rope: Rope, eps: float) 
 
 
 def project_kv(p: Attention, spec: LayerSpec, x: Tensor, rope: Rope, eps: float) -> tuple[Tensor, Tensor]:
-    """Keys and values `[B, T, nkv, d]`: k_norm before RoPE; V gets a weightless RMSNorm."""
-    assert p.k_proj is not None and p.v_proj is not None, "KV-shared layers have no k/v projections"
+    """Keys and values `[B, T, nkv, d]`: k_norm before RoPE; V gets a weightless RMSNorm.
+
+    With `k_eq_v` (31B, 26B-A4B full layers) V is the raw key projection, before k_norm and RoPE.
+    """
+    assert p.k_proj is not None and (p.v_proj is not None or spec.k_eq_v), "KV-shared layers have no k/v projections"
     k = F.linear(x, p.k_proj).unflatten(-1, (-1, spec.head_dim))
-    v = F.linear(x, p.v_proj).unflatten(-1, (-1, spec.head_dim))
+    v = k if spec.k_eq_v or p.v_proj is None else F.linear(x, p.v_proj).unflatten(-1, (-1, spec.head_dim))
     return apply_rope(rms_norm(k, p.k_norm, eps), *rope), rms_norm(v, None, eps)
 
 
@@ -77,7 +81,10 @@ def finish_layer(p: Layer, cfg: Config, h: Tensor, attn: Tensor, ple: Tensor | N
     """Everything after attention: o_proj, both residual blocks, the PLE branch, layer_scalar."""
     eps = cfg.rms_norm_eps
     h = h + rms_norm(F.linear(attn.flatten(-2), p.self_attn.o_proj), p.post_attention_layernorm, eps)
-    h = h + rms_norm(mlp(p.mlp, rms_norm(h, p.pre_feedforward_layernorm, eps)), p.post_feedforward_layernorm, eps)
+    m = mlp(p.mlp, rms_norm(h, p.pre_feedforward_layernorm, eps))
+    if cfg.enable_moe_block:  # 26B-A4B: the experts' branch, normed, beside the normed dense MLP
+        m = rms_norm(m, p.post_feedforward_layernorm_1, eps) + moe(p, cfg, h)
+    h = h + rms_norm(m, p.post_feedforward_layernorm, eps)
     if ple is not None:  # per-layer input branch, AFTER the MLP residual
         assert p.per_layer_input_gate is not None and p.per_layer_projection is not None
         z = gelu(F.linear(h, p.per_layer_input_gate)) * ple
