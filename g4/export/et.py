@@ -22,6 +22,7 @@ from g4.config import LayerSpec
 from g4.fn.attention import ATTENTION_SCALE
 from g4.fn.cache import KV, Q8, rows
 from g4.fn.model import Hooks
+from g4.fn.moe import experts_gathered
 
 
 def load_custom_ops() -> None:
@@ -77,6 +78,7 @@ def inplace_hooks(dtype: torch.dtype) -> Hooks:
         write=lambda buf, slots, new: _pytree.tree_map(lambda b, n: b.index_copy_(1, slots, n), buf, new),
         tag=_tag,
         rotate=functools.partial(rotate_half_by_matmul, rot=rotate_half_matrix(dtype)),
+        experts=experts_gathered,
     )
 
 
@@ -122,4 +124,5 @@ def et_hooks(start: int, T: int, int8: bool = False) -> Hooks:
         write=_write,
         tag=_tag,
         rotate=functools.partial(rotate_half_by_matmul, rot=rotate_half_matrix(torch.float32)),
+        experts=experts_gathered,  # static shapes: the chosen experts' weights gathered
     )

@@ -14,7 +14,7 @@ from g4.config import Config, LayerSpec
 from g4.fn import cache as kv
 from g4.fn.attention import mask, sdpa
 from g4.fn.cache import KV, Cache, Step
-from g4.fn.moe import moe
+from g4.fn.moe import Run, experts_loop, moe
 from g4.fn.ops import gelu, mlp, rms_norm, softcap
 from g4.fn.rope import apply_rope, inv_freq, rope_table, rotate_half
 from g4.params import Attention, Layer, Params
@@ -55,6 +55,7 @@ class Hooks:
     join: kv.Join = kv.join  # new rows ++ ring rows
     tag: kv.Tag = kv.tag  # 1 + position into slot tags
     rotate: Rotate = rotate_half  # RoPE's rotate-half
+    experts: Run = experts_loop  # the chosen experts on their tokens (export: `experts_gathered`)
 
 
 EAGER = Hooks()
@@ -77,13 +78,15 @@ def project_kv(p: Attention, spec: LayerSpec, x: Tensor, rope: Rope, eps: float)
     return apply_rope(rms_norm(k, p.k_norm, eps), *rope), rms_norm(v, None, eps)
 
 
-def finish_layer(p: Layer, cfg: Config, h: Tensor, attn: Tensor, ple: Tensor | None) -> Tensor:
+def finish_layer(
+    p: Layer, cfg: Config, h: Tensor, attn: Tensor, ple: Tensor | None, experts: Run = experts_loop
+) -> Tensor:
     """Everything after attention: o_proj, both residual blocks, the PLE branch, layer_scalar."""
     eps = cfg.rms_norm_eps
     h = h + rms_norm(F.linear(attn.flatten(-2), p.self_attn.o_proj), p.post_attention_layernorm, eps)
     m = mlp(p.mlp, rms_norm(h, p.pre_feedforward_layernorm, eps))
     if cfg.enable_moe_block:  # 26B-A4B: the experts' branch, normed, beside the normed dense MLP
-        m = rms_norm(m, p.post_feedforward_layernorm_1, eps) + moe(p, cfg, h)
+        m = rms_norm(m, p.post_feedforward_layernorm_1, eps) + moe(p, cfg, h, experts)
     h = h + rms_norm(m, p.post_feedforward_layernorm, eps)
     if ple is not None:  # per-layer input branch, AFTER the MLP residual
         assert p.per_layer_input_gate is not None and p.per_layer_projection is not None
@@ -190,7 +193,7 @@ def forward(
             else:
                 made[i], cache = kv.put(cache, step, i, spec.is_sliding, k, v, hooks.write, hooks.join)
         a = hooks.attend(q, *made[spec.kv_source], view[spec.type].mask, spec)
-        h = finish_layer(p, cfg, h, a, None if ple is None else ple[:, :, i])
+        h = finish_layer(p, cfg, h, a, None if ple is None else ple[:, :, i], hooks.experts)
     if last_only and not cfg.num_kv_shared_layers:
         h = h[:, -1:]
     return head(params, cfg, h), None if cache is None or step is None else kv.commit(cache, step)
