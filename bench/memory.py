@@ -20,22 +20,14 @@ import sys
 from pathlib import Path
 
 CHILD = r"""
-import json, re, sys, time
+import json, sys, time
 from g4.generation import PteModel, generate
+from g4.memory import resident
 pte, n_prompt, n_new, lock = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == '1'
 
 def kib(keys):
     d = dict(ln.split(":", 1) for ln in open("/proc/self/status") if ln.split(":")[0] in keys)
     return {k: int(v.split()[0]) * 1024 for k, v in d.items()}
-
-def mapping(path):
-    out, mine = {"Size": 0, "Rss": 0, "Locked": 0}, False
-    for ln in open("/proc/self/smaps"):
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln):
-            mine = ln.rstrip().endswith(path)
-        elif mine and ln.split(":")[0] in out:
-            out[ln.split(":")[0]] += int(ln.split()[1]) * 1024
-    return out
 
 t = time.perf_counter()
 m = PteModel(pte, lock=lock)
@@ -46,7 +38,7 @@ print(json.dumps({
     "pte_bytes": __import__("os").path.getsize(pte), "load_s": load_s, "ttft_s": g.ttft_s,
     "decode_tok_s": (n - 1) / g.decode_s if n > 1 else None,
     "status": kib(("VmHWM", "VmRSS", "RssAnon", "RssFile", "VmLck")),
-    "pte_mapping": mapping(str(__import__("pathlib").Path(pte).resolve())),
+    "pte_mapping": resident(pte),
 }))
 """
 

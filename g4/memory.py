@@ -96,6 +96,22 @@ def mappings(path: str | Path) -> list[tuple[int, int, int]]:
     return out
 
 
+def resident(path: str | Path) -> dict[str, int]:
+    """Bytes of this process's mappings of `path` (`/proc/self/smaps`): mapped `Size`, resident `Rss`, `Locked`."""
+    name, out, mine = str(Path(path).resolve()), {"Size": 0, "Rss": 0, "Locked": 0}, False
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return out
+    for ln in lines:
+        head = ln.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and ":" not in head[0]:  # a mapping's first line
+            mine = len(head) == 6 and head[5] == name
+        elif mine and ln.split(":")[0] in out:
+            out[ln.split(":")[0]] += int(ln.split()[1]) * 1024
+    return out
+
+
 def page_on_demand(path: str | Path) -> int:
     """Each mapping of `path` faults in the pages it reads and no more; returns the bytes so mapped.
 

@@ -18,17 +18,13 @@ BIG_VOCAB = attrs.evolve(g4.CONFIGS["tiny"], vocab_size=65536, vocab_size_per_la
 TABLE_BYTES = 65536 * (128 + 8 * 32)
 
 RUN = r"""
-import json, re, sys
+import json, sys
 from g4.generation import PteModel, generate
+from g4.memory import resident
 pte, lock = sys.argv[1], sys.argv[2] == "1"
 m = PteModel(pte, lock=lock)
 generate(m, [2] + [(977 * i) % 65000 + 3 for i in range(31)], 16, stop=())
-rss, mine = 0, False
-for ln in open("/proc/self/smaps"):
-    if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", ln):
-        mine = ln.rstrip().endswith(pte)
-    elif mine and ln.startswith("Rss:"):
-        rss += int(ln.split()[1]) * 1024
+rss = resident(pte)["Rss"]
 fields = (ln.split(":", 1) for ln in open("/proc/self/status"))
 status = {k: int(v.split()[0]) * 1024 for k, v in fields if k in ("VmHWM", "VmLck")}
 print(json.dumps({"pte_rss": rss, **status}))
