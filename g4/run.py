@@ -150,12 +150,12 @@ def run(a: argparse.Namespace) -> int:
     first = ([{"role": "system", "content": a.system}] if a.system else []) + read_messages(a.messages)
     if a.prompt is not None or a.messages:
         first += [{"role": "user", "content": a.prompt}] if a.prompt is not None else []
-        if a.render or (pte and eager):
+        if a.render:
             session.messages = first
-            if a.render:
-                print(session.text(), end="")
-                return 0
-            assert pte and eager
+            print(session.text(), end="")
+            return 0
+        if pte and eager:
+            session.messages = first
             return compare(pte, eager, session.prompt(), a)
         return turn(session, first, tok, a)
     for line in sys.stdin:  # one user turn per line; the cache is kept between turns

@@ -215,8 +215,9 @@ def test_embedding_scale_rounds_like_hf_in_bf16():
     assert embed(table.float(), torch.tensor([[1]]), 1536**0.5)[0, 0, 0].item() == pytest.approx(39.19184, 1e-6)
 
 
-def test_grad_matches_reference_autograd():
-    cfg = CASES["e2b-like"]
+def grads_and_reference(name):
+    """`torch.func.grad` over the tree of a logsumexp loss, and transformers' autograd on the same weights."""
+    cfg = CASES[name]
     params = g4.init_params(cfg, seed=5)
     ref = hf_model(cfg, params)
     tokens = prompt(cfg, n=12)
@@ -226,9 +227,14 @@ def test_grad_matches_reference_autograd():
         return logits.logsumexp(-1).mean()
 
     grads = torch.func.grad(loss)(params)
-    assert isinstance(grads, g4.Params)
     ref.model.zero_grad()
     ref(input_ids=tokens, use_cache=False).logits.logsumexp(-1).mean().backward()
+    return grads, ref
+
+
+def test_grad_matches_reference_autograd():
+    grads, ref = grads_and_reference("e2b-like")
+    assert isinstance(grads, g4.Params)
     named = dict(ref.named_parameters())
     named_buffers = dict(ref.named_buffers())
     for ours, theirs in [
@@ -259,18 +265,7 @@ def test_gathered_experts_match_the_loop(dtype):
 
 
 def test_grad_through_router_and_experts_matches_reference():
-    cfg = CASES["26b-like"]
-    params = g4.init_params(cfg, seed=5)
-    ref = hf_model(cfg, params)
-    tokens = prompt(cfg, n=12)
-
-    def loss(p):
-        logits, _ = g4.forward(p, cfg, tokens, torch.arange(12))
-        return logits.logsumexp(-1).mean()
-
-    grads = torch.func.grad(loss)(params)
-    ref.model.zero_grad()
-    ref(input_ids=tokens, use_cache=False).logits.logsumexp(-1).mean().backward()
+    grads, ref = grads_and_reference("26b-like")
     named = dict(ref.named_parameters())
     layer = grads.layers[5]  # a full layer: values from k_proj
     assert layer.self_attn.v_proj is None

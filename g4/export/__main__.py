@@ -115,11 +115,9 @@ def _checked(cfg: Config, size: str | None, ckpt: Path) -> Config:
     raise UsageError(f"{ckpt}/config.json is not {size}: {diff}; omit SIZE to export the checkpoint as it is")
 
 
-def tokenizer_files(ckpt: Path | None, out: Path, force: bool) -> list[tuple[Path, Path]]:
-    """(source, destination) of each tokenizer file to copy next to `out`: the checkpoint's (or, for
-    random weights, the tiny model's). An identical file already there is left alone; a differing one
-    is a UsageError unless `force`."""
-    folder = TINY if ckpt is None else ckpt
+def tokenizer_files(folder: Path, out: Path, force: bool) -> list[tuple[Path, Path]]:
+    """(source, destination) of each tokenizer file of `folder` to copy next to `out`. An identical file
+    already there is left alone; a differing one is a UsageError unless `force`."""
     plan = []
     for src in [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]:
         dst = out.parent / src.name
@@ -145,12 +143,13 @@ def run(a: argparse.Namespace) -> int:
         opts = ExportOptions(**{f.name: getattr(a, f.name) for f in attrs.fields(ExportOptions)})
         cfg, ckpt, source = weights_source(a)
         opts.check(cfg)  # e.g. an int4 group size that does not divide a width of this config
-        # The runners stop at the .pte's eos ids: Gemma 4's end of turn and tool-call stops too.
-        stops = stop_ids(ckpt if ckpt is not None else TINY if is_tiny(a.size) else None, cfg.eos_token_id)
+        # The tokenizer travels with the .pte: the checkpoint's, or the tiny model's (random E2B/E4B weights
+        # have none). The runners stop at the .pte's eos ids: Gemma 4's end of turn and tool-call stops too.
+        tok_folder = ckpt if ckpt is not None else TINY if is_tiny(a.size) else None
+        stops = stop_ids(tok_folder, cfg.eos_token_id)
     except ValueError as e:  # GenerateError too
         raise UsageError(str(e)) from None
-    # Random E2B/E4B weights have no tokenizer to copy.
-    tokenizers = [] if ckpt is None and not is_tiny(a.size) else tokenizer_files(ckpt, out, a.force)
+    tokenizers = [] if tok_folder is None else tokenizer_files(tok_folder, out, a.force)
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     say(f"weights: {source}")
     q = Quantizer(opts)

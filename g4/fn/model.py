@@ -72,9 +72,13 @@ def project_kv(p: Attention, spec: LayerSpec, x: Tensor, rope: Rope, eps: float)
 
     With `k_eq_v` (31B, 26B-A4B full layers) V is the raw key projection, before k_norm and RoPE.
     """
-    assert p.k_proj is not None and (p.v_proj is not None or spec.k_eq_v), "KV-shared layers have no k/v projections"
+    assert p.k_proj is not None, "KV-shared layers have no k/v projections"
     k = F.linear(x, p.k_proj).unflatten(-1, (-1, spec.head_dim))
-    v = k if spec.k_eq_v or p.v_proj is None else F.linear(x, p.v_proj).unflatten(-1, (-1, spec.head_dim))
+    if spec.k_eq_v:
+        v = k
+    else:
+        assert p.v_proj is not None, "only values-from-keys layers have no v_proj"
+        v = F.linear(x, p.v_proj).unflatten(-1, (-1, spec.head_dim))
     return apply_rope(rms_norm(k, p.k_norm, eps), *rope), rms_norm(v, None, eps)
 
 
