@@ -43,6 +43,18 @@ print(json.dumps({
 """
 
 
+def measure(pte: str, prompt: int, new: int, lock: bool = False, as_user: int | None = None) -> dict:
+    """One run of `pte` in a fresh process: size, load, TTFT, decode tok/s, RSS, the mapping."""
+    cmd = [sys.executable, "-c", CHILD, str(Path(pte).resolve()), str(prompt), str(new), str(int(lock))]
+    if as_user is not None:
+        cmd = ["setpriv", f"--reuid={as_user}", f"--regid={as_user}", "--clear-groups", *cmd]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
+    if r.returncode:
+        sys.exit(f"error: the measured process failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+    uid = as_user if as_user is not None else os.getuid()
+    return json.loads(r.stdout.strip().splitlines()[-1]) | {"uid": uid, "lock": lock}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pte")
@@ -51,16 +63,7 @@ def main() -> None:
     ap.add_argument("--as-user", type=int, help="run the measured process as this uid (setpriv; root only)")
     ap.add_argument("--lock", action="store_true", help="load as ExecuTorch does by default (mlock the tables)")
     a = ap.parse_args()
-    pte = str(Path(a.pte).resolve())
-    cmd = [sys.executable, "-c", CHILD, pte, str(a.prompt_tokens), str(a.new_tokens), str(int(a.lock))]
-    if a.as_user is not None:
-        cmd = ["setpriv", f"--reuid={a.as_user}", f"--regid={a.as_user}", "--clear-groups", *cmd]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
-    if r.returncode:
-        sys.exit(f"error: the measured process failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-    uid = a.as_user if a.as_user is not None else os.getuid()
-    out = json.loads(r.stdout.strip().splitlines()[-1]) | {"uid": uid, "lock": a.lock}
-    print(json.dumps(out))
+    print(json.dumps(measure(a.pte, a.prompt_tokens, a.new_tokens, a.lock, a.as_user)))
 
 
 if __name__ == "__main__":

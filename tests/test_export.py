@@ -369,3 +369,37 @@ def test_moe_and_k_eq_v_ptes_match_eager(moe_ptes, capsys):
     # 0.977-0.992) than a dense model does, but it is as far from fp32 as that forward is (measured
     # within 0.004 either way).
     assert all(r[1] >= 0.97 and r[2] >= r[3] - 0.01 for r in rows)
+
+
+@pytest.mark.parametrize("size", ["tiny", "tiny-31b", "tiny-26b"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qkv_is_bit_identical_to_three_projections(size, dtype):
+    # g4.export.fuse: one GEMM for q/k/v, the per-head norm over all heads (V's weight 1) and RoPE
+    # switched off for V's heads. Layers with values from keys (k_eq_v) and KV-shared ones stay plain.
+    from g4.export.fuse import FusedAttention, fuse, project_fused
+
+    cfg = g4.CONFIGS[size]
+    params = g4.init_params(cfg, seed=0, dtype=dtype)
+    fused = fuse(params, cfg)
+    want_kinds = [s.kv_source == i and not s.k_eq_v for i, s in enumerate(cfg.layers)]
+    assert [isinstance(p.self_attn, FusedAttention) for p in fused.layers] == want_kinds
+    assert any(want_kinds) and not all(want_kinds)
+    seq = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = g4.forward(params, cfg, seq, torch.arange(40))[0]
+        got = g4.forward(fused, cfg, seq, torch.arange(40), hooks=g4.fn.Hooks(project=project_fused))[0]
+    assert torch.equal(got, want)
+
+
+def test_cat_rows_stacks_quantized_weights_as_they_are():
+    from g4.export.fuse import cat_rows
+    from g4.export.quant import quantize_linear
+
+    gen = torch.Generator().manual_seed(0)
+    ws = [torch.randn(n, 64, generator=gen) for n in (64, 32, 32)]
+    for mode in ("8da4w", "8da8w"):
+        qs = [quantize_linear(w, mode, 32) for w in ws]
+        joined = cat_rows(qs)
+        assert type(joined) is type(qs[0]) and joined.block_size == qs[0].block_size
+        assert torch.equal(joined.dequantize(), torch.cat([q.dequantize() for q in qs]))
+    assert torch.equal(cat_rows(ws), torch.cat(ws))

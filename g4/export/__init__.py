@@ -21,6 +21,7 @@ from executorch.exir.pass_base import ExportPass, PassResult
 
 from g4.checkpoint import atomic_write, trim_heap
 from g4.config import Config
+from g4.export.fuse import fuse
 from g4.export.lean import free_lowered, lean_lowering
 from g4.export.quant import (
     EMBEDDING_BITS,
@@ -54,6 +55,7 @@ class ExportOptions:
     embedding_quantize: int = _opt(0, "bits for the token and per-layer embedding tables (0: none)", EMBEDDING_BITS)
     kv_cache: str = _opt("fp32", "KV cache dtype (int8: per token and head, fp32 activations only)", KV_CACHES)
     lean: bool = _opt(True, "lower with g4's fixes to ExecuTorch's memory and time (g4/export/lean.py)")
+    fuse: bool = _opt(True, "q/k/v of KV-owning layers as one GEMM (g4/export/fuse.py)")
 
     def __attrs_post_init__(self) -> None:
         for f in attrs.fields(type(self)):
@@ -225,6 +227,16 @@ def memory() -> str:
     return f" (RSS {kb['VmRSS'] / 2**20:.1f} GiB, peak {kb['VmHWM'] / 2**20:.1f} GiB)"
 
 
+def _partitioner_configs() -> list[Any]:
+    """XNNPACK's op configs but `cat`: its cats are the sliding layers' `new ++ ring` keys, whose new
+    rows come from the split of the fused q/k/v outside the delegate (a portable cat copies the same
+    bytes and saves a delegate call per sliding layer), and RoPE's and the mask's small tables."""
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import CatConfig
+
+    return [c for c in ALL_PARTITIONER_CONFIGS if c is not CatConfig]
+
+
 def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     """torch.export -> edge -> XNNPACK -> ExecuTorch program.
 
@@ -244,6 +256,7 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+    PARTITIONER_CONFIGS = _partitioner_configs()
     t0 = time.perf_counter()
     n = min(2, opts.chunk)
     example = (torch.zeros(1, n, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
@@ -258,7 +271,7 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
         # One partitioner: XnnpackPartitioner takes the dynamically quantized linears too. Adding
         # XnnpackDynamicallyQuantizedPartitioner in front (ExecuTorch's llama recipe) cuts every
         # linear into its own delegate, for a slower export and the same run-time speed (README, Performance).
-        partitioner=[XnnpackPartitioner()],
+        partitioner=[XnnpackPartitioner(configs=PARTITIONER_CONFIGS)],
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         transform_passes=[InferOneViewDim()],
         constant_methods=metadata(shim.cfg, opts),
@@ -295,6 +308,8 @@ def export_pte(
     out = Path(out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
+    if opts.fuse:
+        params = fuse(params, cfg)
     shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=opts.dtype == "fp32", kv_cache=opts.kv_cache)
     del params
     prog = lower(shim, opts, say)

@@ -7,7 +7,8 @@
 - int8: K/V are quantized per token and head (asymmetric, as ExecuTorch's `QuantizedKVCache`) into
   `Q8` values, written with their scales and zero points, and read by `llama::custom_quantized_sdpa`,
   which also quantizes q per token;
-- `rotate`: rotate-half as a 2x2 matmul, which XNNPACK takes (it cannot slice a dynamic length).
+- `rotate`: rotate-half as a 2x2 matmul, which XNNPACK takes (it cannot slice a dynamic length) when
+  the matrix is a buffer of the module (`Shim.rot`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 from torch.utils import _pytree
 
 from g4.config import LayerSpec
+from g4.export.fuse import project_fused
 from g4.fn.attention import ATTENTION_SCALE
 from g4.fn.cache import KV, Q8, rows
 from g4.fn.model import Hooks
@@ -41,10 +43,10 @@ def quantize_per_token(x: Tensor) -> Q8:
 
 
 def rotate_half_matrix(dtype: torch.dtype) -> Tensor:
-    """[[0, -1], [1, 0]], built from ops rather than a tensor constant (ExecuTorch 1.5.1 mishandles
-    lifted tensor constants inside XNNPACK partitions); build it once per forward."""
-    z, o = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
-    return torch.stack([torch.stack([z, -o]), torch.stack([o, z])])
+    """[[0, -1], [1, 0]]. The exporter holds it as a module buffer: built from ops in the forward it
+    kept the matmul out of XNNPACK (a weight must be constant), and ExecuTorch 1.5.1 mishandles lifted
+    tensor constants inside XNNPACK partitions."""
+    return torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=dtype)
 
 
 def rotate_half_by_matmul(x: Tensor, rot: Tensor) -> Tensor:
@@ -72,18 +74,21 @@ def _write(buf: KV, slots: Tensor, new: KV) -> KV:
     return buf
 
 
-def inplace_hooks(dtype: torch.dtype) -> Hooks:
+def inplace_hooks(rot: Tensor) -> Hooks:
     """Eager attention with in-place `index_copy_` cache writes (bf16: ExecuTorch's attention ops are fp32-only)."""
     return Hooks(
         write=lambda buf, slots, new: _pytree.tree_map(lambda b, n: b.index_copy_(1, slots, n), buf, new),
         tag=_tag,
-        rotate=functools.partial(rotate_half_by_matmul, rot=rotate_half_matrix(dtype)),
+        rotate=functools.partial(rotate_half_by_matmul, rot=rot),
         experts=experts_gathered,
+        project=project_fused,
     )
 
 
-def et_hooks(start: int, T: int, int8: bool = False) -> Hooks:
+def et_hooks(start: int, T: int, rot: Tensor, int8: bool = False) -> Hooks:
     """ExecuTorch's cache and attention ops for one call of T tokens at `start` (fp32 activations).
+
+    `rot` is `rotate_half_matrix(torch.float32)`, held by the caller as a module buffer.
 
     Full layers: the cache slot is the position, so causal attention over the first `start + T`
     slots. Sliding layers: k/v are `new (T) ++ ring (R)`; the ring fills slot 0 first, so only its
@@ -123,6 +128,7 @@ def et_hooks(start: int, T: int, int8: bool = False) -> Hooks:
         store=quantize_per_token if int8 else (lambda x: x),
         write=_write,
         tag=_tag,
-        rotate=functools.partial(rotate_half_by_matmul, rot=rotate_half_matrix(torch.float32)),
+        rotate=functools.partial(rotate_half_by_matmul, rot=rot),
         experts=experts_gathered,  # static shapes: the chosen experts' weights gathered
+        project=project_fused,  # q/k/v as one GEMM where `g4.export.fuse` stacked them
     )

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree
 
 from g4.config import Config
-from g4.export.et import et_hooks, inplace_hooks, load_custom_ops
+from g4.export.et import et_hooks, inplace_hooks, load_custom_ops, rotate_half_matrix
 from g4.fn.cache import Cache, init_cache
 from g4.fn.model import forward
 from g4.params import Params, leaves_with_path, tree_map_with_path
@@ -55,6 +55,7 @@ class Shim(nn.Module):
             for path, t in leaves_with_path(value):
                 self.register_buffer(buffer_name(tree, path), t)
             self._paths[tree] = tree_map_with_path(lambda path, _: path, value)
+        self.register_buffer("rot", rotate_half_matrix(dtype))  # a weight XNNPACK keeps in its delegate
         if custom_ops:
             load_custom_ops()
 
@@ -78,6 +79,7 @@ class Shim(nn.Module):
         torch._check(T <= self.ring_slots)
         positions = torch.arange(start, start + T, dtype=torch.int64)
         params = self.params()
-        hooks = et_hooks(start, T, self.int8) if self.custom_ops else inplace_hooks(params.norm.dtype)
+        rot = cast(Tensor, self.rot)
+        hooks = et_hooks(start, T, rot, self.int8) if self.custom_ops else inplace_hooks(rot)
         logits, _ = forward(params, self.cfg, tokens, positions, self.cache(), hooks=hooks, last_only=True)
         return logits[:, -1]

@@ -42,23 +42,8 @@ def per_layer_inputs(p: Params, cfg: Config, tokens: Tensor, h0: Tensor) -> Tens
 
 Rotate = Callable[[Tensor], Tensor]
 Rope = tuple[Tensor, Tensor, Rotate]  # cos, sin, rotate_half
-
-
-@attrs.frozen
-class Hooks:
-    """The parts of `forward` an exporter swaps (ExecuTorch's ops, an int8 cache); HF's eager ops by default."""
-
-    attend: Callable[[Tensor, Any, Any, Any, LayerSpec], Tensor] = sdpa  # (q, k, v, mask, spec) -> [B, T, nq, d]
-    mask: Callable[[Tensor, LayerSpec], Any] = lambda m, spec: m  # bool [T, S] -> what `attend` takes
-    store: Callable[[Tensor], KV] = lambda x: x  # new K/V rows -> the cache's representation
-    write: kv.Write = kv.write  # K/V rows into a cache buffer at slots
-    join: kv.Join = kv.join  # new rows ++ ring rows
-    tag: kv.Tag = kv.tag  # 1 + position into slot tags
-    rotate: Rotate = rotate_half  # RoPE's rotate-half
-    experts: Run = experts_loop  # the chosen experts on their tokens (export: `experts_gathered`)
-
-
-EAGER = Hooks()
+QKV = tuple[Tensor, tuple[Tensor, Tensor] | None]  # q, and k, v for a KV-owning layer
+Project = Callable[[Any, LayerSpec, Tensor, Rope, float, bool], QKV]
 
 
 def project_q(p: Attention, spec: LayerSpec, x: Tensor, rope: Rope, eps: float) -> Tensor:
@@ -80,6 +65,29 @@ def project_kv(p: Attention, spec: LayerSpec, x: Tensor, rope: Rope, eps: float)
         assert p.v_proj is not None, "only values-from-keys layers have no v_proj"
         v = F.linear(x, p.v_proj).unflatten(-1, (-1, spec.head_dim))
     return apply_rope(rms_norm(k, p.k_norm, eps), *rope), rms_norm(v, None, eps)
+
+
+def project(p: Attention, spec: LayerSpec, x: Tensor, rope: Rope, eps: float, kv: bool) -> QKV:
+    """Queries, and keys and values if the layer owns its KV (`kv`)."""
+    return project_q(p, spec, x, rope, eps), project_kv(p, spec, x, rope, eps) if kv else None
+
+
+@attrs.frozen
+class Hooks:
+    """The parts of `forward` an exporter swaps (ExecuTorch's ops, an int8 cache); HF's eager ops by default."""
+
+    attend: Callable[[Tensor, Any, Any, Any, LayerSpec], Tensor] = sdpa  # (q, k, v, mask, spec) -> [B, T, nq, d]
+    mask: Callable[[Tensor, LayerSpec], Any] = lambda m, spec: m  # bool [T, S] -> what `attend` takes
+    store: Callable[[Tensor], KV] = lambda x: x  # new K/V rows -> the cache's representation
+    write: kv.Write = kv.write  # K/V rows into a cache buffer at slots
+    join: kv.Join = kv.join  # new rows ++ ring rows
+    tag: kv.Tag = kv.tag  # 1 + position into slot tags
+    rotate: Rotate = rotate_half  # RoPE's rotate-half
+    experts: Run = experts_loop  # the chosen experts on their tokens (export: `experts_gathered`)
+    project: Project = project  # q, and k, v (export: one fused GEMM, `g4.export.fuse`)
+
+
+EAGER = Hooks()
 
 
 def finish_layer(
@@ -188,10 +196,9 @@ def forward(
         if last_only and i == cfg.first_shared:  # KV-shared layers write no cache: only the last query matters
             h, ple, view = h[:, -1:], None if ple is None else ple[:, -1:], {t: v.last(hooks) for t, v in view.items()}
         x = rms_norm(h, p.input_layernorm, eps)
-        rope = view[spec.type].rope
-        q = project_q(p.self_attn, spec, x, rope, eps)
-        if spec.kv_source == i:
-            k, v = (hooks.store(t) for t in project_kv(p.self_attn, spec, x, rope, eps))
+        q, new = hooks.project(p.self_attn, spec, x, view[spec.type].rope, eps, spec.kv_source == i)
+        if new is not None:
+            k, v = (hooks.store(t) for t in new)
             if step is None or cache is None:
                 made[i] = k, v
             else:
