@@ -24,13 +24,14 @@ import json, sys, time
 from g4.generation import PteModel, generate
 from g4.memory import resident
 pte, n_prompt, n_new, lock = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == '1'
+threads = int(sys.argv[5]) or None
 
 def kib(keys):
     d = dict(ln.split(":", 1) for ln in open("/proc/self/status") if ln.split(":")[0] in keys)
     return {k: int(v.split()[0]) * 1024 for k, v in d.items()}
 
 t = time.perf_counter()
-m = PteModel(pte, lock=lock)
+m = PteModel(pte, lock=lock, threads=threads)
 load_s = time.perf_counter() - t
 g = generate(m, [m.bos_id] + [(7 * i) % (m.vocab_size - 3) + 3 for i in range(n_prompt - 1)], n_new, stop=())
 n = len(g.ids)
@@ -43,16 +44,19 @@ print(json.dumps({
 """
 
 
-def measure(pte: str, prompt: int, new: int, lock: bool = False, as_user: int | None = None) -> dict:
+def measure(
+    pte: str, prompt: int, new: int, lock: bool = False, as_user: int | None = None, threads: int | None = None
+) -> dict:
     """One run of `pte` in a fresh process: size, load, TTFT, decode tok/s, RSS, the mapping."""
-    cmd = [sys.executable, "-c", CHILD, str(Path(pte).resolve()), str(prompt), str(new), str(int(lock))]
+    args = [str(Path(pte).resolve()), str(prompt), str(new), str(int(lock)), str(threads or 0)]
+    cmd = [sys.executable, "-c", CHILD, *args]
     if as_user is not None:
         cmd = ["setpriv", f"--reuid={as_user}", f"--regid={as_user}", "--clear-groups", *cmd]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HOME": "/tmp"})
     if r.returncode:
         sys.exit(f"error: the measured process failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
     uid = as_user if as_user is not None else os.getuid()
-    return json.loads(r.stdout.strip().splitlines()[-1]) | {"uid": uid, "lock": lock}
+    return json.loads(r.stdout.strip().splitlines()[-1]) | {"uid": uid, "lock": lock, "threads": threads}
 
 
 def main() -> None:
@@ -62,8 +66,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--as-user", type=int, help="run the measured process as this uid (setpriv; root only)")
     ap.add_argument("--lock", action="store_true", help="load as ExecuTorch does by default (mlock the tables)")
+    ap.add_argument("--threads", type=int, help="thread pool size (default: ExecuTorch's)")
     a = ap.parse_args()
-    print(json.dumps(measure(a.pte, a.prompt_tokens, a.new_tokens, a.lock, a.as_user)))
+    print(json.dumps(measure(a.pte, a.prompt_tokens, a.new_tokens, a.lock, a.as_user, a.threads)))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,16 @@ class GenerateError(ValueError):
     """Bad input to generation (missing file, wrong program, too long a prompt): one clear line."""
 
 
+def set_threads(n: int) -> None:
+    """XNNPACK's and the kernels' thread pool size for this process (ExecuTorch's default: one thread
+    per logical CPU it sees)."""
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    if n < 1:
+        raise GenerateError(f"threads must be >= 1, got {n}")
+    _unsafe_reset_threadpool(n)
+
+
 class PteModel:
     """A .pte that follows ExecuTorch's LLM-runner conventions: `forward(tokens [1, T], input_pos [1])`.
 
@@ -29,10 +39,12 @@ class PteModel:
     loads it as ExecuTorch does by default, which for a privileged process locks them all in RAM.
     """
 
-    def __init__(self, path: str | Path, lock: bool = False):
+    def __init__(self, path: str | Path, lock: bool = False, threads: int | None = None):
         path = Path(path)
         if not path.is_file():
             raise GenerateError(f"{path}: no such file")
+        if threads is not None:
+            set_threads(threads)
         with contextlib.nullcontext() if lock else no_mlock():
             self._load(path)
         if not lock:

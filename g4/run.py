@@ -59,6 +59,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, help="the .pte's thread pool size (default: one per logical CPU)")
     ap.add_argument("--eager", action="store_true", help="run g4.forward instead of a .pte")
     ap.add_argument("--checkpoint", help="weights for --eager / --compare (Hugging Face folder)")
     ap.add_argument("--size", help="named size with seeded random weights for --eager / --compare (e.g. tiny)")
@@ -114,7 +115,7 @@ def run(a: argparse.Namespace) -> int:
         raise GenerateError("give --prompt or --tokens, or --chat to read turns from stdin")
     if a.render and (a.tokens is not None or (a.prompt is None and not a.messages)):
         raise GenerateError("--render prints the text of a --prompt or --messages conversation")
-    pte = PteModel(a.pte) if a.pte and (a.compare or not a.eager) else None
+    pte = PteModel(a.pte, threads=a.threads) if a.pte and (a.compare or not a.eager) else None
     eager = eager_model(a, pte.max_context if pte else a.max_seq_len) if (a.eager or a.compare) else None
     model = pte or eager
     assert model is not None
