@@ -1,29 +1,36 @@
 """g4's .pte against the .pte of ExecuTorch's own Gemma 4 exporter, same checkpoint, same machine.
 
-    python bench/pte_vs_et.py [--hidden 256] [--layers 10] [--quant none 8da4w] [--ctx 1024] [--rounds 3]
+    python bench/pte_vs_et.py [--hidden 256] [--layers 10] [--vocab 32768] [--quant none 8da4w] [--ctx 1024]
+        [--rounds 5] [--export-rounds 2]
 
-Writes one random multimodal-layout checkpoint (the layout the peer reads), exports it with both
-exporters (text decoder only, same quantization, same max context), then in fresh subprocesses
-measures export wall time and peak RSS, .pte size, load time, prefill tok/s (128 tokens, best of 3),
-decode tok/s near position 128 and near the end of the context (median step), runtime peak RSS, and the
-logits of both against the eager fp32 reference (g4.forward on the same checkpoint). Prints a markdown table and
-writes JSON with the machine, versions, config and every raw number. Each .pte runs `--rounds` times,
-g4 and the peer alternating; the table shows the best of the rounds (this 2-core machine's speed
-varies by up to ~1.5x between runs minutes apart), the JSON every round.
+Writes one random multimodal-layout checkpoint (the layout the peer reads) and exports it with both
+exporters (text decoder only, same quantization and group size, same max context; g4 at its default
+prefill chunk, 256, the peer taking up to ctx - 1 tokens a call), each `--export-rounds` times,
+interleaved; the peer's export fails unless it loaded every parameter and used every tensor. Exports
+are cached under a key of group size, torch and executorch versions and g4's commit (the JSON says
+which were cached, and when each ran). Then each .pte runs `--rounds` times, alone in a fresh process,
+g4 and the peer alternating: load, prefill of 128/512/1024-token prompts (g4 in its chunks, the peer in
+one call; best of 3 calls), decode tok/s after 128 tokens and near the end of the context (median
+step), peak RSS. Logits of 8 teacher-forced sequences (prefill 128 + 16 steps) are compared with fp32
+eager g4.forward computed in another process: max abs diff, KL, cosine, top-1 agreement. The table
+shows the median over rounds with min-max; ratios are of medians; the JSON keeps every number.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import attrs
+import numpy as np
 
 import g4
 from g4.config import FULL, SLIDING
@@ -93,80 +100,132 @@ EXPORT_G4 = """
 import json, resource, sys
 from g4.export.__main__ import main
 ck, out, quant, ctx, gs = sys.argv[1:]
-args = [out, "--checkpoint", ck, "--max-seq-len", ctx, "--max-chunk", "128", "--group-size", gs]
+args = [out, "--checkpoint", ck, "--max-seq-len", ctx, "--group-size", gs]  # g4's default prefill chunk
 if quant == "8da4w": args += ["--quantize", "8da4w", "--embedding-quantize", "8"]
 assert main(args) == 0
 print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
+# The peer loads with strict=False and logs what it misses: record every load_state_dict result and
+# fail unless each parameter it computes with and every converted tensor found its place. Its
+# KV-shared layers keep k/v projections they never run (they take the donor's K/V): not in a
+# checkpoint, listed as unused. Buffers (its caches) are listed too.
 EXPORT_ET = """
-import json, resource, sys, logging
-logging.disable(logging.WARNING)
+import json, re, resource, sys, torch
+seen = {"missing_params": [], "unused_params": [], "missing_buffers": [], "unexpected": [], "loaded": 0}
+unused = re.compile(r"cross_decoder\\.layers\\.\\d+\\.self_attn\\.(k_proj|v_proj|k_norm)\\.weight$")
+_load = torch.nn.Module.load_state_dict
+def load_state_dict(self, sd, strict=True, assign=False):
+    r = _load(self, sd, strict=strict, assign=assign)
+    params = {n for n, _ in self.named_parameters()}
+    for k in r.missing_keys:
+        kind = "missing_buffers" if k not in params else "unused_params" if unused.search(k) else "missing_params"
+        seen[kind].append(k)
+    seen["unexpected"] += list(r.unexpected_keys)
+    seen["loaded"] += len(sd) - len(r.unexpected_keys)
+    return r
+torch.nn.Module.load_state_dict = load_state_dict
 from executorch.examples.models.gemma4.export_gemma4 import export_single_pte
 ck, out, quant, ctx, gs, variant = sys.argv[1:]
 export_single_pte(checkpoint_path=ck, output_path=out, text_quantize="none" if quant == "none" else "8da4w+emb8",
                   audio_quantize="none", vision_quantize="none", max_seq_len=int(ctx), max_patches=1260,
                   group_size=int(gs), tied_embedding=False, variant=variant, quantize_kv_cache=False,
                   include_audio=False, include_vision=False, use_custom_sdpa=True)
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+if seen["missing_params"] or seen["unexpected"] or not seen["loaded"]:
+    sys.exit(f"the peer did not load every tensor: {seen}")
+print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peer_load": seen}))
 """
 
+# One .pte, alone in its process (the reference logits come from another one): load, prefill
+# (each prompt length 3 times; g4 in its chunks, the peer in one call), decode after 128 and near the
+# end of the context, then (first round only) teacher-forced logits of ACCURACY_SEQS sequences.
 RUN = """
-import json, resource, statistics, sys, time, torch
+import json, resource, statistics, sys, time, numpy as np, torch
 from executorch.extension.llm.custom_ops import custom_ops
 from executorch.kernels import quantized
 from executorch.runtime import Runtime
-import g4
-kind, pte, ck, ctx = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+kind, pte, logits_out = sys.argv[1], sys.argv[2], sys.argv[6]
+vocab, H, ctx = (int(x) for x in sys.argv[3:6])
+seqs = json.loads(sys.argv[7])
 t = time.perf_counter()
 prog = Runtime.get().load_program(pte)
-name = "forward" if kind == "g4" else "text_decoder"
-m = prog.load_method(name)
+m = prog.load_method("forward" if kind == "g4" else "text_decoder")
 load_s = time.perf_counter() - t
-cfg = g4.checkpoint.read_config(ck)
-H = cfg.hidden_size
+chunk = int(prog.load_method("get_max_seq_len").execute([])[0]) if kind == "g4" else ctx - 1
 def step(tokens, start):
-    T = tokens.shape[1]
-    if kind == "g4":
-        return m.execute([tokens, torch.tensor([start])])[0].reshape(-1)
-    return m.execute([tokens, torch.arange(start, start + T), torch.zeros(1, T, H)])[0].reshape(-1)
+    out = None
+    for i in range(0, tokens.shape[1], chunk):
+        x, s = tokens[:, i : i + chunk], start + i
+        if kind == "g4":
+            out = m.execute([x, torch.tensor([s])])[0]
+        else:
+            out = m.execute([x, torch.arange(s, s + x.shape[1]), torch.zeros(1, x.shape[1], H)])[0]
+    return out.reshape(-1)
 gen = torch.Generator().manual_seed(0)
-prompt = torch.randint(3, cfg.vocab_size, (1, 128), generator=gen)
-prefill_s = []
-for _ in range(3):  # the first call also pays one-time set-up; report the best of 3, keep all
-    t = time.perf_counter(); logits = step(prompt, 0); prefill_s.append(time.perf_counter() - t)
-got = [logits]
-ids, decode_s = [], []  # per-step times; tok/s from the median (single steps are short and noisy)
+prefill_s = {}
+for n in (128, 512, 1024):
+    if n + 64 <= ctx:
+        prompt = torch.randint(3, vocab, (1, n), generator=gen)
+        prefill_s[n] = []
+        for _ in range(3):  # the first call also pays one-time set-up
+            t = time.perf_counter(); step(prompt, 0); prefill_s[n].append(time.perf_counter() - t)
+prompt = torch.randint(3, vocab, (1, 128), generator=gen)
+logits = step(prompt, 0)
+decode_s = []
 for i in range(32):
-    ids.append(int(logits.argmax()))
-    t = time.perf_counter(); logits = step(torch.tensor([[ids[-1]]]), 128 + i); decode_s.append(time.perf_counter() - t)
-    got.append(logits)
-# Reference: g4.forward in fp32 on the same tokens (prefill + the .pte's own greedy tokens).
-_, params = g4.load_checkpoint(ck)
-seq = torch.cat([prompt, torch.tensor([ids])], 1)
-with torch.no_grad():
-    ref = g4.forward(params, cfg, seq, torch.arange(seq.shape[1]))[0][0, 127:]
-got = torch.stack(got)  # positions 127 .. 159
-diff = float((got - ref).abs().max())
-agree = int(sum(int(a) == int(b) for a, b in zip(got.argmax(-1), ref.argmax(-1))))
-first_diff = next((i for i, (a, b) in enumerate(zip(got.argmax(-1), ref.argmax(-1))) if int(a) != int(b)), None)
-# Decode near the end of the context: fill it in 128-token chunks, then 16 single steps.
-far = ctx - 20
-pos = 128 + 32
+    tok = torch.tensor([[int(logits.argmax())]])
+    t = time.perf_counter(); logits = step(tok, 128 + i); decode_s.append(time.perf_counter() - t)
+far, pos = ctx - 20, 160
 while pos < far:
     n = min(128, far - pos)
-    step(torch.randint(3, cfg.vocab_size, (1, n), generator=gen), pos)
+    step(torch.randint(3, vocab, (1, n), generator=gen), pos)
     pos += n
 far_s = []
 for i in range(16):
     t = time.perf_counter(); step(torch.tensor([[5]]), pos + i); far_s.append(time.perf_counter() - t)
-print(json.dumps({"load_s": load_s, "prefill_tok_s": 128 / min(prefill_s), "prefill_s": prefill_s,
-                  "decode_tok_s_128": 1 / statistics.median(decode_s), "decode_s": decode_s,
-                  "decode_tok_s_far": 1 / statistics.median(far_s), "far_s": far_s, "far_pos": pos,
-                  "max_abs_logit_diff": diff,
-                  "greedy_agree_of_33": agree, "first_greedy_diff": first_diff,
-                  "runtime_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+if logits_out:
+    got = []
+    for seq in seqs:
+        x = torch.tensor([seq])
+        got.append([step(x[:, :128], 0)] + [step(x[:, t : t + 1], t) for t in range(128, x.shape[1])])
+    np.save(logits_out, torch.stack([torch.stack(g) for g in got]).numpy())
+print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s, "far_s": far_s, "far_pos": pos,
+                  "runtime_peak_rss": rss}))
 """
+
+REFERENCE = """
+import sys, json, numpy as np, torch, g4
+ck, out, seqs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+cfg, params = g4.load_checkpoint(ck)
+x = torch.tensor(seqs)
+with torch.no_grad():
+    ref = g4.forward(params, cfg, x, torch.arange(x.shape[1]))[0][:, 127:]
+np.save(out, ref.float().numpy())
+print("{}")
+"""
+
+ACCURACY_SEQS, ACCURACY_LEN = 8, 128 + 16  # teacher-forced: the prefill's last logits and 16 steps
+
+
+def accuracy(got: np.ndarray, ref: np.ndarray) -> dict:
+    """The .pte's logits against fp32 eager over every position of every sequence."""
+    g, r = got.reshape(-1, got.shape[-1]).astype(np.float64), ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    logp = r - r.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    logq = g - g.max(-1, keepdims=True)
+    logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
+    kl = (np.exp(logp) * (logp - logq)).sum(-1)  # KL(fp32 || .pte) per position
+    cos = (g * r).sum(-1) / (np.linalg.norm(g, axis=-1) * np.linalg.norm(r, axis=-1))
+    return {
+        "positions": int(g.shape[0]),
+        "max_abs_logit_diff": float(np.abs(g - r).max()),
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "cos_mean": float(cos.mean()),
+        "cos_min": float(cos.min()),
+        "top1_agree": float((g.argmax(-1) == r.argmax(-1)).mean()),
+    }
 
 
 def versions() -> dict:
@@ -181,6 +240,21 @@ def versions() -> dict:
     }
 
 
+def g4_commit() -> str:
+    """The commit g4 was measured at, `+dirty` with uncommitted changes to g4/."""
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "g4"], capture_output=True, text=True).stdout.strip()
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def export_key(a: argparse.Namespace) -> str:
+    """What an export depends on: group size, torch and executorch versions, g4's commit."""
+    v = versions()
+    key = f"gs{a.group_size}-torch{v['torch']}-et{v['executorch']}-g4{g4_commit()}"
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=256)
@@ -190,7 +264,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--group-size", default="32")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--rounds", type=int, default=3, help="runs of each .pte; the table takes the best")
+    ap.add_argument("--rounds", type=int, default=5, help="runs of each .pte, g4 and the peer alternating")
+    ap.add_argument("--export-rounds", type=int, default=2, help="timed exports of each, interleaved")
     ap.add_argument("--reexport", action="store_true", help="export again even if an earlier export exists")
     a = ap.parse_args()
     cfg = bench_config(a.hidden, a.layers, a.vocab)
@@ -200,77 +275,103 @@ def main() -> None:
     if not (ck / "config.json").exists():
         g4.write_random_checkpoint(cfg, ck, seed=0, dtype=__import__("torch").float32, multimodal=True)
     variant = et_variant_json(cfg, work / "et_variant")
-    rows = {}
+    key = export_key(a)
+    rows: dict = {}
 
     def pte(kind: str, q: str) -> Path:
-        return work / f"{kind}-{q}-c{a.ctx}.pte"
+        return work / f"{kind}-{q}-c{a.ctx}-{key}.pte"
 
-    for q in a.quant:
-        for kind, code, extra in (("g4", EXPORT_G4, ()), ("executorch", EXPORT_ET, (variant,))):
-            out = pte(kind, q)
-            done = out.with_suffix(".export.json")  # an earlier run's export of this exact file
-            if out.exists() and done.exists() and not a.reexport:
-                ex = json.loads(done.read_text())
-            else:
-                print(f"exporting {kind} {q} ...", file=sys.stderr, flush=True)
+    for r in range(a.export_rounds):  # g4 and the peer interleaved
+        for q in a.quant:
+            for kind, code, extra in (("g4", EXPORT_G4, ()), ("executorch", EXPORT_ET, (variant,))):
+                out, row = pte(kind, q), rows.setdefault((kind, q), {"exports": []})
+                done = out.with_suffix(".export.json")  # an earlier run's exports of this exact file
+                if r == 0 and out.exists() and done.exists() and not a.reexport:
+                    row["exports"] = [e | {"cached": True} for e in json.loads(done.read_text())]
+                if len(row["exports"]) > r:
+                    continue
+                print(f"exporting {kind} {q} ({r + 1}/{a.export_rounds}) ...", file=sys.stderr, flush=True)
                 ex = run_child(code, str(ck), str(out), q, str(a.ctx), a.group_size, *extra)
-                done.write_text(json.dumps(ex))
-            rows[(kind, q)] = {"export": ex} | ({} if "error" in ex else {"pte_bytes": out.stat().st_size})
-    for _ in range(a.rounds):  # g4 and the peer alternate, so both see the same machine state
-        for (kind, q), r in rows.items():
-            if "error" not in r["export"]:
-                r.setdefault("runs", []).append(run_child(RUN, kind, str(pte(kind, q)), str(ck), str(a.ctx)))
-    for (kind, q), r in rows.items():
-        if r.get("runs"):
-            r["run"] = best_run(r["runs"])
-        print(json.dumps({kind + "/" + q: r}), file=sys.stderr, flush=True)
+                row["exports"].append(ex | {"cached": False, "exported_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+                done.write_text(json.dumps([{k: v for k, v in e.items() if k != "cached"} for e in row["exports"]]))
+                if "error" not in ex:
+                    row["pte_bytes"] = out.stat().st_size
+    gen = __import__("torch").Generator().manual_seed(1)
+    seqs = __import__("torch").randint(3, cfg.vocab_size, (ACCURACY_SEQS, ACCURACY_LEN), generator=gen).tolist()
+    ref_path = work / "reference.npy"
+    ref = run_child(REFERENCE, str(ck), str(ref_path), json.dumps(seqs))
+    if "error" in ref:
+        sys.exit(f"error: reference logits: {ref['error']}")
+    for r in range(a.rounds):
+        for (kind, q), row in rows.items():
+            if any("error" in e for e in row["exports"]):
+                continue
+            logits = work / f"logits-{kind}-{q}.npy" if r == 0 else ""
+            args = (kind, str(pte(kind, q)), str(cfg.vocab_size), str(cfg.hidden_size), str(a.ctx), str(logits))
+            run = run_child(RUN, *args, json.dumps(seqs))
+            row.setdefault("runs", []).append(run)
+            if logits and "error" not in run:
+                row["accuracy"] = accuracy(np.load(logits, allow_pickle=False), np.load(ref_path, allow_pickle=False))
+    for (kind, q), row in rows.items():
+        print(json.dumps({kind + "/" + q: {k: v for k, v in row.items() if k != "runs"}}), file=sys.stderr, flush=True)
     report(cfg, a, tag, rows)
 
 
-def best_run(runs: list[dict]) -> dict:
-    """The best of several runs of one .pte: highest tok/s, lowest load time and RSS (an error wins)."""
-    if bad := [r for r in runs if "error" in r]:
-        return bad[0]
-    best = dict(runs[0])
-    for k in best:
-        if "tok_s" in k:
-            best[k] = max(r[k] for r in runs)
-        elif k in ("load_s", "runtime_peak_rss"):
-            best[k] = min(r[k] for r in runs)
-    return best
-
-
-def raw(r: dict, key: str) -> float | None:
-    """One number of a result row, in table units (GiB, MiB, s, tok/s)."""
+def samples(row: dict, key: str) -> list[float]:
+    """Every round's value of one metric of a .pte, in table units (GiB, MiB, s, tok/s)."""
     gib = 2**30
+    ex = [e for e in row.get("exports", []) if "error" not in e]
+    runs = [r for r in row.get("runs", []) if "error" not in r]
     if key == "export_s":
-        return r.get("export", {}).get("wall_s")
+        return [e["wall_s"] for e in ex if not e.get("cached")] or [e["wall_s"] for e in ex]
     if key == "export_rss":
-        v = r.get("export", {}).get("peak_rss")
-        return v / gib if v else None
+        return [e["peak_rss"] / gib for e in ex]
     if key == "size":
-        v = r.get("pte_bytes")
-        return v / 2**20 if v else None
-    v = r.get("run", {}).get(key)
-    return v / gib if (v is not None and key == "runtime_peak_rss") else v
+        return [row["pte_bytes"] / 2**20] if "pte_bytes" in row else []
+    if key.startswith("prefill_"):
+        n = key.split("_")[1]
+        return [int(n) / min(r["prefill_s"][n]) for r in runs if n in r["prefill_s"]]  # best of a run's 3 calls
+    if key == "decode_128":
+        return [1 / statistics.median(r["decode_s"]) for r in runs]
+    if key == "decode_far":
+        return [1 / statistics.median(r["far_s"]) for r in runs]
+    if key == "runtime_rss":
+        return [r["runtime_peak_rss"] / gib for r in runs]
+    if key == "load_s":
+        return [r["load_s"] for r in runs]
+    acc = row.get("accuracy", {})
+    return [acc[key]] if key in acc else []
 
 
-METRICS = [
+METRICS = [  # label, key, format; speed rows: median over the rounds (min-max)
     ("export wall s", "export_s", "{:.0f}"),
     ("export peak RSS GiB", "export_rss", "{:.2f}"),
     (".pte MiB", "size", "{:.1f}"),
     ("load s", "load_s", "{:.2f}"),
-    ("prefill tok/s (128, best of 3)", "prefill_tok_s", "{:.1f}"),
-    ("decode tok/s @128", "decode_tok_s_128", "{:.1f}"),
-    ("decode tok/s near end", "decode_tok_s_far", "{:.1f}"),
-    ("runtime peak RSS GiB", "runtime_peak_rss", "{:.2f}"),
+    ("prefill tok/s, 128-token prompt", "prefill_128", "{:.0f}"),
+    ("prefill tok/s, 512-token prompt", "prefill_512", "{:.0f}"),
+    ("prefill tok/s, 1024-token prompt", "prefill_1024", "{:.0f}"),
+    ("decode tok/s @128", "decode_128", "{:.1f}"),
+    ("decode tok/s near end", "decode_far", "{:.1f}"),
+    ("runtime peak RSS GiB (the .pte alone)", "runtime_rss", "{:.2f}"),
     ("max abs logit diff vs fp32 eager", "max_abs_logit_diff", "{:.2e}"),
-    ("greedy steps agreeing (of 33)", "greedy_agree_of_33", "{}"),
+    ("mean KL(fp32 eager ‖ .pte)", "kl_mean", "{:.2e}"),
+    ("mean / min logit cosine vs fp32", "cos_mean", "{:.5f}"),
+    ("top-1 agreement vs fp32 (teacher-forced)", "top1_agree", "{:.3f}"),
 ]
 
 
+def cell(v: list[float], fmt: str) -> str:
+    """`median (min-max)` of several values, the value of one, n/a of none."""
+    if not v:
+        return "n/a"
+    if len(v) == 1:
+        return fmt.format(v[0])
+    return f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+
+
 def report(cfg: g4.Config, a: argparse.Namespace, tag: str, rows: dict) -> None:
-    """Markdown table (ratios first) and a JSON record."""
+    """Markdown table (ratios of medians first) and a JSON record."""
     lines = [
         f"### {tag}: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}, context {a.ctx}",
         "",
@@ -280,16 +381,21 @@ def report(cfg: g4.Config, a: argparse.Namespace, tag: str, rows: dict) -> None:
     for q in a.quant:
         g, e = rows.get(("g4", q), {}), rows.get(("executorch", q), {})
         for label, key, fmt in METRICS:
-            gv, ev = raw(g, key), raw(e, key)
-            ratio = f"{gv / ev:.2f}x" if (gv is not None and ev) else "n/a"
-            lines.append(
-                f"| {q} | {label} | {ratio} | {'n/a' if gv is None else fmt.format(gv)} | "
-                f"{'n/a' if ev is None else fmt.format(ev)} |"
+            gv, ev = samples(g, key), samples(e, key)
+            ratio = (
+                f"{statistics.median(gv) / statistics.median(ev):.2f}x"
+                if gv and ev and statistics.median(ev)
+                else "n/a"
             )
+            if key == "cos_mean":
+                gc, ec = (cell(v, fmt) + " / " + cell(samples(r, "cos_min"), fmt) for v, r in ((gv, g), (ev, e)))
+            else:
+                gc, ec = cell(gv, fmt), cell(ev, fmt)
+            lines.append(f"| {q} | {label} | {ratio} | {gc} | {ec} |")
         for kind, r in (("g4", g), ("executorch", e)):
-            for part in ("export", "run"):
-                if "error" in r.get(part, {}):
-                    lines.append(f"| {q} | {kind} {part} failed | {r[part]['error'][:160]} | | |")
+            for part in [*r.get("exports", []), *r.get("runs", [])]:
+                if "error" in part:
+                    lines.append(f"| {q} | {kind} failed | {part['error'][:160]} | | |")
     text = "\n".join(lines)
     print(text)
     out = Path(a.out)
@@ -300,10 +406,11 @@ def report(cfg: g4.Config, a: argparse.Namespace, tag: str, rows: dict) -> None:
             "platform": platform.platform(),
             "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
         },
-        "versions": versions(),
+        "versions": versions() | {"g4": g4_commit()},
         "config": config_to_hf(cfg),
         "ctx": a.ctx,
         "group_size": a.group_size,
+        "g4_prefill_chunk": min(a.ctx, 256),
         "command": " ".join(sys.argv),
         "results": {f"{k}/{q}": v for (k, q), v in rows.items()},
         "table": text,
