@@ -91,6 +91,7 @@ def check_args(a: argparse.Namespace) -> None:
         (a.top_k < 0, f"--top-k must be >= 0, got {a.top_k}"),
         (not 0 < a.top_p <= 1, f"--top-p must be in (0, 1], got {a.top_p}"),
         (a.size is not None and a.size not in CONFIGS, f"--size {a.size} is not one of {', '.join(CONFIGS)}"),
+        (a.threads is not None and a.threads < 1, f"--threads must be >= 1, got {a.threads}"),
     ]
     for is_bad, message in bad:
         if is_bad:

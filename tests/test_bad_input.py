@@ -84,6 +84,7 @@ RUN = [
     (["--eager", "--size", "tiny", "--top-k", "-1", "--tokens", "2"], "--top-k must be >= 0, got -1"),
     (["--eager", "--size", "tiny", "--temperature", "-1", "--tokens", "2"], "--temperature must be >= 0, got -1.0"),
     (["--eager", "--size", "tiny", "--max-new-tokens", "0", "--tokens", "2"], "--max-new-tokens must be >= 1, got 0"),
+    (["{pte}", "--threads", "0", "--tokens", "2"], "--threads must be >= 1, got 0"),
     (["--eager", "--size", "tiny", "--tokens", "2,9999"], "prompt token ids must be in [0, 512)"),
     (["--eager", "--tokenizer", "{tpl}", "--size", "tiny", "--chat", "--prompt", "hi"], "chat template"),
     (["{pte}", "--compare", "--checkpoint", "{small}", "--tokens", "2"], "vocabulary"),

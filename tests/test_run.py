@@ -27,6 +27,21 @@ def test_pte_and_eager_generate_the_same_32_tokens(pte_fp32, eager, capsys):
     assert "no difference in tokens" in capsys.readouterr().out
 
 
+def test_threads_sets_the_pool_and_changes_no_token(pte_fp32):
+    from executorch.extension.pybindings.portable_lib import _threadpool_get_thread_count
+
+    from g4.generation import set_threads
+
+    n = _threadpool_get_thread_count()
+    default = generate(PteModel(pte_fp32), PROMPT, 16, stop=()).ids
+    try:
+        one = generate(PteModel(pte_fp32, threads=1), PROMPT, 16, stop=()).ids
+        assert _threadpool_get_thread_count() == 1
+    finally:
+        set_threads(n)
+    assert one == default
+
+
 def test_eager_compare_loads_each_model_once(pte_fp32, monkeypatch, capsys):
     import g4.run
 
