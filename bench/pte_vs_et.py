@@ -31,6 +31,7 @@ from pathlib import Path
 
 import attrs
 import numpy as np
+import torch
 
 import g4
 from g4.config import FULL, SLIDING
@@ -240,6 +241,15 @@ def versions() -> dict:
     }
 
 
+def memory_plan(path: Path) -> int:
+    """Bytes of the decoder method's memory plan (activations, KV caches, masks: one arena, held while loaded)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    prog = deserialize_pte_binary(path.read_bytes())
+    plan = next(p for p in getattr(prog, "program", prog).execution_plan if p.name in ("forward", "text_decoder"))
+    return sum(plan.non_const_buffer_sizes)
+
+
 def g4_commit() -> str:
     """The commit g4 was measured at, `+dirty` with uncommitted changes to g4/."""
     git = ["git", "-C", str(ROOT)]
@@ -273,7 +283,7 @@ def main() -> None:
     work = WORK / tag
     ck = work / "ck"
     if not (ck / "config.json").exists():
-        g4.write_random_checkpoint(cfg, ck, seed=0, dtype=__import__("torch").float32, multimodal=True)
+        g4.write_random_checkpoint(cfg, ck, seed=0, dtype=torch.float32, multimodal=True)
     variant = et_variant_json(cfg, work / "et_variant")
     key = export_key(a)
     rows: dict = {}
@@ -294,10 +304,11 @@ def main() -> None:
                 ex = run_child(code, str(ck), str(out), q, str(a.ctx), a.group_size, *extra)
                 row["exports"].append(ex | {"cached": False, "exported_at": time.strftime("%Y-%m-%d %H:%M:%S")})
                 done.write_text(json.dumps([{k: v for k, v in e.items() if k != "cached"} for e in row["exports"]]))
-                if "error" not in ex:
-                    row["pte_bytes"] = out.stat().st_size
-    gen = __import__("torch").Generator().manual_seed(1)
-    seqs = __import__("torch").randint(3, cfg.vocab_size, (ACCURACY_SEQS, ACCURACY_LEN), generator=gen).tolist()
+    for (kind, q), row in rows.items():
+        if not any("error" in e for e in row["exports"]):
+            row["pte_bytes"], row["plan_bytes"] = pte(kind, q).stat().st_size, memory_plan(pte(kind, q))
+    gen = torch.Generator().manual_seed(1)
+    seqs = torch.randint(3, cfg.vocab_size, (ACCURACY_SEQS, ACCURACY_LEN), generator=gen).tolist()
     ref_path = work / "reference.npy"
     ref = run_child(REFERENCE, str(ck), str(ref_path), json.dumps(seqs))
     if "error" in ref:
@@ -326,8 +337,9 @@ def samples(row: dict, key: str) -> list[float]:
         return [e["wall_s"] for e in ex if not e.get("cached")] or [e["wall_s"] for e in ex]
     if key == "export_rss":
         return [e["peak_rss"] / gib for e in ex]
-    if key == "size":
-        return [row["pte_bytes"] / 2**20] if "pte_bytes" in row else []
+    if key in ("size", "plan"):
+        v = row.get("pte_bytes" if key == "size" else "plan_bytes")
+        return [v / 2**20] if v else []
     if key.startswith("prefill_"):
         n = key.split("_")[1]
         return [int(n) / min(r["prefill_s"][n]) for r in runs if n in r["prefill_s"]]  # best of a run's 3 calls
@@ -347,6 +359,7 @@ METRICS = [  # label, key, format; speed rows: median over the rounds (min-max)
     ("export wall s", "export_s", "{:.0f}"),
     ("export peak RSS GiB", "export_rss", "{:.2f}"),
     (".pte MiB", "size", "{:.1f}"),
+    ("memory plan MiB (activations, caches, masks)", "plan", "{:.1f}"),
     ("load s", "load_s", "{:.2f}"),
     ("prefill tok/s, 128-token prompt", "prefill_128", "{:.0f}"),
     ("prefill tok/s, 512-token prompt", "prefill_512", "{:.0f}"),
