@@ -97,22 +97,34 @@ def run_child(code: str, *args: str) -> dict:
     return out | {"wall_s": wall}
 
 
-EXPORT_G4 = """
-import json, resource, sys
+# A child's own peak RSS: VmHWM of its address space. (ru_maxrss also counts what the parent held when
+# it forked, folded in at exec: the parent here holds the logits and has read the .pte files.)
+PEAK_RSS = """
+def peak_rss():
+    return int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) * 1024
+"""
+
+EXPORT_G4 = (
+    PEAK_RSS
+    + """
+import json, sys
 from g4.export.__main__ import main
 ck, out, quant, ctx, gs = sys.argv[1:]
 args = [out, "--checkpoint", ck, "--max-seq-len", ctx, "--group-size", gs]  # g4's default prefill chunk
 if quant == "8da4w": args += ["--quantize", "8da4w", "--embedding-quantize", "8"]
 assert main(args) == 0
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"peak_rss": peak_rss()}))
 """
+)
 
 # The peer loads with strict=False and logs what it misses: record every load_state_dict result and
 # fail unless each parameter it computes with and every converted tensor found its place. Its
 # KV-shared layers keep k/v projections they never run (they take the donor's K/V): not in a
 # checkpoint, listed as unused. Buffers (its caches) are listed too.
-EXPORT_ET = """
-import json, re, resource, sys, torch
+EXPORT_ET = (
+    PEAK_RSS
+    + """
+import json, re, sys, torch
 seen = {"missing_params": [], "unused_params": [], "missing_buffers": [], "unexpected": [], "loaded": 0}
 unused = re.compile(r"cross_decoder\\.layers\\.\\d+\\.self_attn\\.(k_proj|v_proj|k_norm)\\.weight$")
 _load = torch.nn.Module.load_state_dict
@@ -134,14 +146,17 @@ export_single_pte(checkpoint_path=ck, output_path=out, text_quantize="none" if q
                   include_audio=False, include_vision=False, use_custom_sdpa=True)
 if seen["missing_params"] or seen["unexpected"] or not seen["loaded"]:
     sys.exit(f"the peer did not load every tensor: {seen}")
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peer_load": seen}))
+print(json.dumps({"peak_rss": peak_rss(), "peer_load": seen}))
 """
+)
 
 # One .pte, alone in its process (the reference logits come from another one): load, prefill
 # (each prompt length 3 times; g4 in its chunks, the peer in one call), decode after 128 and near the
 # end of the context, then (first round only) teacher-forced logits of ACCURACY_SEQS sequences.
-RUN = """
-import json, resource, statistics, sys, time, numpy as np, torch
+RUN = (
+    PEAK_RSS
+    + """
+import json, statistics, sys, time, numpy as np, torch
 from executorch.extension.llm.custom_ops import custom_ops
 from executorch.kernels import quantized
 from executorch.runtime import Runtime
@@ -184,7 +199,7 @@ while pos < far:
 far_s = []
 for i in range(16):
     t = time.perf_counter(); step(torch.tensor([[5]]), pos + i); far_s.append(time.perf_counter() - t)
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rss = peak_rss()
 if logits_out:
     got = []
     for seq in seqs:
@@ -194,6 +209,7 @@ if logits_out:
 print(json.dumps({"load_s": load_s, "prefill_s": prefill_s, "decode_s": decode_s, "far_s": far_s, "far_pos": pos,
                   "runtime_peak_rss": rss}))
 """
+)
 
 REFERENCE = """
 import sys, json, numpy as np, torch, g4
@@ -251,9 +267,9 @@ def memory_plan(path: Path) -> int:
 
 
 def g4_commit() -> str:
-    """The commit g4 was measured at, `+dirty` with uncommitted changes to g4/."""
+    """The last commit that changed g4/, `+dirty` with uncommitted changes to it."""
     git = ["git", "-C", str(ROOT)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run([*git, "log", "-1", "--format=%h", "--", "g4"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run([*git, "status", "--porcelain", "g4"], capture_output=True, text=True).stdout.strip()
     return (head or "unknown") + ("+dirty" if dirty else "")
 
