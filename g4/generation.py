@@ -23,8 +23,8 @@ class GenerateError(ValueError):
 
 
 def set_threads(n: int) -> None:
-    """XNNPACK's and the kernels' thread pool size for this process (ExecuTorch's default: one thread
-    per logical CPU it sees)."""
+    """XNNPACK's and the kernels' thread pool size for this process (ExecuTorch sizes it from the CPU
+    at start: its performance cores, as cpuinfo counts them)."""
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
     if n < 1:

@@ -59,7 +59,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, help="the .pte's thread pool size (default: one per logical CPU)")
+    ap.add_argument("--threads", type=int, help="the .pte's thread pool size (default: ExecuTorch's, from the CPU)")
     ap.add_argument("--eager", action="store_true", help="run g4.forward instead of a .pte")
     ap.add_argument("--checkpoint", help="weights for --eager / --compare (Hugging Face folder)")
     ap.add_argument("--size", help="named size with seeded random weights for --eager / --compare (e.g. tiny)")
