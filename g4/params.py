@@ -107,8 +107,15 @@ def _unflatten_fn(cls: type) -> Callable[[Iterable[Any], Any], Any]:
     return unflatten
 
 
-for _cls in NODES:  # lets torch.func (grad, vmap) and torch.utils._pytree see the tree; None is no leaf
-    _pytree.register_pytree_node(_cls, _flatten, _unflatten_fn(_cls), serialized_type_name=f"g4.params.{_cls.__name__}")
+def register_node(cls: type) -> None:
+    """Lets torch.func (grad, vmap) and torch.utils._pytree see an attrs node's tensors; None is no leaf."""
+    _pytree.register_pytree_node(
+        cls, _flatten, _unflatten_fn(cls), serialized_type_name=f"{cls.__module__}.{cls.__name__}"
+    )
+
+
+for _cls in NODES:
+    register_node(_cls)
 
 
 def tree_map_with_path(fn: Callable[[str, Tensor], Any], tree: T, prefix: str = "") -> T:

@@ -256,7 +256,6 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    PARTITIONER_CONFIGS = _partitioner_configs()
     t0 = time.perf_counter()
     n = min(2, opts.chunk)
     example = (torch.zeros(1, n, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
@@ -271,7 +270,7 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
         # One partitioner: XnnpackPartitioner takes the dynamically quantized linears too. Adding
         # XnnpackDynamicallyQuantizedPartitioner in front (ExecuTorch's llama recipe) cuts every
         # linear into its own delegate, for a slower export and the same run-time speed (README, Performance).
-        partitioner=[XnnpackPartitioner(configs=PARTITIONER_CONFIGS)],
+        partitioner=[XnnpackPartitioner(configs=_partitioner_configs())],
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         transform_passes=[InferOneViewDim()],
         constant_methods=metadata(shim.cfg, opts),

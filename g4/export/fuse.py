@@ -15,12 +15,12 @@ from typing import Any, cast
 import attrs
 import torch
 from torch import Tensor
-from torch.utils import _pytree
 
 from g4.config import Config, LayerSpec
+from g4.export.quant import with_data
 from g4.fn.model import QKV, Rope, project
 from g4.fn.ops import rms_norm
-from g4.params import Attention, Params
+from g4.params import Attention, Params, register_node
 
 
 @attrs.frozen
@@ -33,13 +33,7 @@ class FusedAttention:
     o_proj: Tensor  # [H, nq*d]
 
 
-def _flatten(n: FusedAttention) -> tuple[list[Tensor], None]:
-    return [n.qkv_proj, n.qkv_norm, n.rope_on, n.o_proj], None
-
-
-_pytree.register_pytree_node(
-    FusedAttention, _flatten, lambda kids, _: FusedAttention(*kids), serialized_type_name="g4.export.FusedAttention"
-)
+register_node(FusedAttention)
 
 
 def cat_rows(ws: list[Tensor]) -> Tensor:
@@ -48,8 +42,7 @@ def cat_rows(ws: list[Tensor]) -> Tensor:
     first: Any = ws[0]
     if not hasattr(first, "tensor_data_names"):
         return torch.cat(ws)
-    data = [torch.cat([getattr(w, n) for w in ws]) for n in first.tensor_data_names]
-    return type(first)(*data, *(getattr(first, n) for n in first.tensor_attribute_names))
+    return with_data(first, [torch.cat([getattr(w, n) for w in ws]) for n in first.tensor_data_names])
 
 
 def fusable(spec: LayerSpec, i: int) -> bool:

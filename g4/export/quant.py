@@ -61,7 +61,12 @@ def chunked(quantize: Callable[[Tensor], Tensor], w: Tensor, dtype: torch.dtype)
             ]
         for o, n in zip(out, first.tensor_data_names, strict=True):
             o[i : i + rows] = getattr(part, n)
-    return type(first)(*out, *(getattr(first, n) for n in first.tensor_attribute_names))
+    return with_data(first, out)
+
+
+def with_data(like: Any, data: list[Tensor]) -> Tensor:
+    """A torchao quantized tensor of `like`'s class and attributes holding `data` (its `tensor_data_names`)."""
+    return type(like)(*data, *(getattr(like, n) for n in like.tensor_attribute_names))
 
 
 def quantize_linear(w: Tensor, mode: str, group_size: int) -> Tensor:
