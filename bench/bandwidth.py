@@ -62,6 +62,11 @@ def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
 
 def kernel_bandwidth(rows: int, cols: int, quantize: str, group: int, reps: int = 20) -> float:
     """Weight bytes per second XNNPACK's one-token linear reads: a .pte of one `[rows, cols]` linear."""
+    return linear_bytes(rows * cols, rows, quantize, group) / linear_seconds(rows, cols, quantize, group, reps)
+
+
+def linear_seconds(rows: int, cols: int, quantize: str, group: int, reps: int = 20) -> float:
+    """Best time of one token through a .pte holding one `[rows, cols]` linear, lowered to XNNPACK."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
@@ -85,7 +90,7 @@ def kernel_bandwidth(rows: int, cols: int, quantize: str, group: int, reps: int 
         t = time.perf_counter()
         m.execute([x])
         best = min(best, time.perf_counter() - t)
-    return linear_bytes(rows * cols, rows, quantize, group) / best
+    return best
 
 
 def linear_bytes(n: int, rows: int, quantize: str, group: int) -> float:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
@@ -22,14 +24,30 @@ class GenerateError(ValueError):
     """Bad input to generation (missing file, wrong program, too long a prompt): one clear line."""
 
 
+@functools.cache
+def runtime() -> Any:
+    """ExecuTorch's runtime bindings (`executorch.extension.pybindings._C`), with the `llama::` and
+    quantized kernels that g4 programs call.
+
+    The bindings' Python wrapper (`portable_lib`, which `executorch.runtime` imports) first imports
+    `executorch.exir` for a warning class: the exporter's whole stack, 136 MiB of RSS and seconds of
+    start-up in a process that only runs a .pte. The kernels' libraries are loaded as
+    `executorch.extension.llm.custom_ops` and `executorch.kernels.quantized` load them.
+    """
+    import executorch
+    from executorch.extension.pybindings import _C
+
+    for lib in ("extension/llm/custom_ops/libcustom_ops_aot_lib.so", "kernels/quantized/libquantized_ops_aot_lib.so"):
+        torch.ops.load_library(Path(executorch.__path__[0]) / lib)  # dlopen: once per process
+    return _C
+
+
 def set_threads(n: int) -> None:
     """XNNPACK's and the kernels' thread pool size for this process (ExecuTorch sizes it from the CPU
     at start: its performance cores, as cpuinfo counts them)."""
-    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
-
     if n < 1:
         raise GenerateError(f"threads must be >= 1, got {n}")
-    _unsafe_reset_threadpool(n)
+    runtime()._unsafe_reset_threadpool(n)
 
 
 class PteModel:
@@ -51,22 +69,20 @@ class PteModel:
             page_on_demand(path)
 
     def _load(self, path: Path) -> None:
-        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (llama:: ops)
-        from executorch.kernels import quantized  # noqa: F401  (quantized embedding kernels)
-        from executorch.runtime import Runtime
-
+        et = runtime()
         try:
-            prog = Runtime.get().load_program(str(path))
+            prog = et._load_program(str(path), program_verification=et.Verification.InternalConsistency)
         except Exception as e:
             raise GenerateError(f"{path}: not an ExecuTorch program ({e})") from None
+        names = {prog.get_method_name(i) for i in range(prog.num_methods())}
         need = {"forward", "get_vocab_size", "get_max_context_len", "get_eos_ids"}
-        if missing := need - set(prog.method_names):
+        if missing := need - names:
             raise GenerateError(f"{path}: not an LLM-runner program (no {', '.join(sorted(missing))} method)")
 
         def const(name: str, default: int | None = None) -> list[int]:
-            if name not in prog.method_names:
+            if name not in names:
                 return [default] if default is not None else []
-            return [int(x) for x in prog.load_method(name).execute([])]
+            return [int(x) for x in prog.load_method(name)([])]
 
         self.path = path
         self.vocab_size = const("get_vocab_size")[0]
@@ -81,7 +97,7 @@ class PteModel:
         logits = None
         for i in range(0, len(tokens), self.max_chunk):
             chunk = torch.tensor([list(tokens[i : i + self.max_chunk])], dtype=torch.int64)
-            logits = self.method.execute([chunk, torch.tensor([start + i], dtype=torch.int64)])[0]
+            logits = self.method([chunk, torch.tensor([start + i], dtype=torch.int64)])[0]
         assert logits is not None
         return logits.reshape(-1, logits.shape[-1])[-1]
 

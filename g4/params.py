@@ -89,7 +89,8 @@ class Params:
     per_layer_projection_norm: Tensor | None  # [P]
     norm: Tensor  # [H]
     layers: tuple[Layer, ...]
-    lm_head: Tensor | None = None  # None: tied to embed_tokens (checkpoints); the exporter may set a copy
+    # None: tied to embed_tokens (checkpoints); the exporter sets a quantized copy, in blocks of rows
+    lm_head: Tensor | tuple[Tensor, ...] | None = None
 
 
 NODES = (Attention, Mlp, Router, Experts, Layer, Params)
@@ -236,9 +237,10 @@ def init_value(path: str, shape: tuple[int, ...], cfg: Config, gen: torch.Genera
         return (1.0 + 0.1 * torch.randn(shape, generator=gen)) * shape[0] ** -0.25
     if len(shape) == 1:
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    # scaled in place: E2B's per-layer table is 9.4 GB in fp32, and a scaled copy would be another
     if name == "embed_tokens_per_layer":  # looked up per layer in slices of width P
-        return torch.randn(shape, generator=gen) * cfg.hidden_size_per_layer_input**-0.5
-    return torch.randn(shape, generator=gen) * shape[-1] ** -0.5  # [..., out, in]
+        return torch.randn(shape, generator=gen).mul_(cfg.hidden_size_per_layer_input**-0.5)
+    return torch.randn(shape, generator=gen).mul_(shape[-1] ** -0.5)  # [..., out, in]
 
 
 def init_params(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Params:

@@ -51,6 +51,8 @@ def pte_8da4w(tmp_path_factory):
                 "8da4w",
                 "--embedding-quantize",
                 "8",
+                "--head-rows",  # the LM head in 4 blocks, 4 delegates
+                "128",
             ]
         )
         == 0

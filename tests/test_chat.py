@@ -126,10 +126,9 @@ def test_jinja_environment_matches_transformers(hf_tokenizer):
 
 def runner(pte):
     """ExecuTorch's stock TextLLMRunner on `pte` with the tokenizer next to it."""
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
     from executorch.extension.llm.runner import TextLLMRunner
-    from executorch.kernels import quantized  # noqa: F401
 
+    g4.generation.runtime()  # the kernels g4's programs call, as the README tells a Python app
     with no_mlock():
         return TextLLMRunner(str(pte), str(pte.parent / "tokenizer.json"))
 

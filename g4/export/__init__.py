@@ -31,8 +31,9 @@ from g4.export.quant import (
     chunked,
     quantize_embedding,
     quantize_linear,
+    row_blocks,
 )
-from g4.export.shim import KV_CACHES, Shim
+from g4.export.shim import KV_CACHES, Shim, buffer_name
 from g4.params import Params, leaves_with_path, param_shapes, tree_map_with_path
 
 DTYPES = ("fp32", "bf16")
@@ -56,6 +57,7 @@ class ExportOptions:
     kv_cache: str = _opt("fp32", "KV cache dtype (int8: per token and head, fp32 activations only)", KV_CACHES)
     lean: bool = _opt(True, "lower with g4's fixes to ExecuTorch's memory and time (g4/export/lean.py)")
     fuse: bool = _opt(True, "q/k/v of KV-owning layers as one GEMM (g4/export/fuse.py)")
+    head_rows: int = _opt(32768, "LM head rows per XNNPACK delegate (a lower peak while a program loads)")
 
     def __attrs_post_init__(self) -> None:
         for f in attrs.fields(type(self)):
@@ -69,6 +71,8 @@ class ExportOptions:
             raise ValueError(f"max_chunk must be in [1, max_seq_len={self.max_seq_len}], got {self.max_chunk}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.head_rows < 1:
+            raise ValueError(f"head_rows must be >= 1, got {self.head_rows}")
 
     def check(self, cfg: Config) -> None:
         """Raises ValueError if a weight of `cfg` cannot take the quantization (int4 groups must divide widths)."""
@@ -133,8 +137,11 @@ class Quantizer:
         return chunked(lambda x: quantize_linear(x, o.quantize, o.group_size), w, o.torch_dtype)
 
     def finish(self, params: Params) -> Params:
-        """The tree with the untied, quantized LM head (if any)."""
-        return attrs.evolve(params, lm_head=self.lm_head)
+        """The tree with the untied, quantized LM head (if any), in blocks of `head_rows` rows."""
+        w, self.lm_head = self.lm_head, None
+        if w is None or w.shape[0] <= self.opts.head_rows:
+            return attrs.evolve(params, lm_head=w)
+        return attrs.evolve(params, lm_head=row_blocks(w, self.opts.head_rows))
 
 
 def quantize_params(params: Params, opts: ExportOptions) -> Params:
@@ -237,6 +244,43 @@ def _partitioner_configs() -> list[Any]:
     return [c for c in ALL_PARTITIONER_CONFIGS if c is not CatConfig]
 
 
+def _is_head_linear(n: torch.fx.Node, ep: Any) -> bool:
+    """A linear whose weight comes from one of the LM head's row blocks (its buffers, through a dequantize)."""
+    if n.op != "call_function" or "linear" not in str(n.target) or len(n.args) < 2:
+        return False
+    sources = {**ep.graph_signature.inputs_to_buffers, **ep.graph_signature.inputs_to_parameters}
+    todo, seen = [n.args[1]], set()
+    while todo:
+        x = todo.pop()
+        if not isinstance(x, torch.fx.Node) or x in seen:
+            continue
+        seen.add(x)
+        if x.op == "placeholder" and buffer_name("params", "lm_head") in sources.get(x.name, ""):
+            return True
+        todo.extend(x.all_input_nodes)
+    return False
+
+
+def _partitioners() -> list[Any]:
+    """The LM head's row blocks, each its own XNNPACK delegate; then everything else.
+
+    XNNPACK keeps a delegate's unpacked weights until it has packed all of them, so a delegate's
+    weights are resident twice while a program loads: one block of the head at a time, not all of it.
+    One partitioner takes the rest: XnnpackPartitioner takes the dynamically quantized linears too.
+    Adding XnnpackDynamicallyQuantizedPartitioner in front (ExecuTorch's llama recipe) cuts every
+    linear into its own delegate, for a slower export and the same run-time speed (README, Performance).
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class HeadBlocks(XnnpackPartitioner):
+        def get_matched_nodes_from_configs(self, ep: Any) -> list[list[torch.fx.Node]]:
+            found = super().get_matched_nodes_from_configs(ep)
+            return [m for m in found if any(_is_head_linear(n, ep) for n in m)]
+
+    configs = _partitioner_configs()
+    return [HeadBlocks(configs=configs, per_op_mode=True), XnnpackPartitioner(configs=configs)]
+
+
 def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     """torch.export -> edge -> XNNPACK -> ExecuTorch program.
 
@@ -251,7 +295,6 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
 
 
 def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights: list[torch.Tensor]) -> Any:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -267,10 +310,7 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
     t0 = time.perf_counter()
     edge = to_edge_transform_and_lower(
         ep,
-        # One partitioner: XnnpackPartitioner takes the dynamically quantized linears too. Adding
-        # XnnpackDynamicallyQuantizedPartitioner in front (ExecuTorch's llama recipe) cuts every
-        # linear into its own delegate, for a slower export and the same run-time speed (README, Performance).
-        partitioner=[XnnpackPartitioner(configs=_partitioner_configs())],
+        partitioner=_partitioners(),
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         transform_passes=[InferOneViewDim()],
         constant_methods=metadata(shim.cfg, opts),

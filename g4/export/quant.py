@@ -69,6 +69,15 @@ def with_data(like: Any, data: list[Tensor]) -> Tensor:
     return type(like)(*data, *(getattr(like, n) for n in like.tensor_attribute_names))
 
 
+def row_blocks(w: Tensor, rows: int) -> tuple[Tensor, ...]:
+    """`w` (plain or torchao-quantized, rows first in every data tensor) as blocks of at most `rows` rows."""
+    names = getattr(w, "tensor_data_names", None)
+    cut = range(0, w.shape[0], rows)
+    if names is None:
+        return tuple(w[i : i + rows].clone() for i in cut)
+    return tuple(with_data(w, [getattr(w, n)[i : i + rows].clone() for n in names]) for i in cut)
+
+
 def quantize_linear(w: Tensor, mode: str, group_size: int) -> Tensor:
     """8-bit dynamic activations with int8 (per output channel) or int4 (per group) weights."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_

@@ -166,7 +166,8 @@ def head(params: Params, cfg: Config, h: Tensor) -> Tensor:
     """Final norm, tied LM head (the UNSCALED embedding matrix, or the exporter's copy), softcap."""
     h = rms_norm(h, params.norm, cfg.rms_norm_eps)
     w = params.embed_tokens if params.lm_head is None else params.lm_head
-    return softcap(F.linear(h, w), cfg.final_logit_softcapping)
+    logits = F.linear(h, w) if isinstance(w, Tensor) else torch.cat([F.linear(h, b) for b in w], -1)  # row blocks
+    return softcap(logits, cfg.final_logit_softcapping)
 
 
 def forward(
