@@ -106,6 +106,16 @@ def test_quantized_pte_matches_eager_quantized(pte_8da4w, capsys):
     assert (ck.parent / out.parent.name / "tokenizer.json").exists() or (out.parent / "tokenizer.json").exists()
 
 
+def test_lm_head_in_blocks_gives_the_same_logits(pte_8da4w, tmp_path):
+    """The fixture's LM head is 4 blocks of 128 rows, each its own XNNPACK delegate: bit for bit one head's logits."""
+    out, ck = pte_8da4w
+    one = tmp_path / "one-head.pte"
+    flags = ["--max-seq-len", str(CTX), "--max-chunk", str(CHUNK), "--quantize", "8da4w", "--embedding-quantize", "8"]
+    assert main([str(one), "--checkpoint", str(ck), *flags]) == 0  # head_rows 32768 > 512 rows: one block
+    seq = torch.randint(0, CFG.vocab_size, (1, 60), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(run_pte(load_method(out), seq, 20), run_pte(load_method(one), seq, 20))
+
+
 def test_int8_kv_cache_pte(pte_kv8, capsys):
     from g4.export.shim import Shim
 
