@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -67,6 +68,11 @@ def kernel_bandwidth(rows: int, cols: int, quantize: str, group: int, reps: int 
 
 def linear_seconds(rows: int, cols: int, quantize: str, group: int, reps: int = 20) -> float:
     """Best time of one token through a .pte holding one `[rows, cols]` linear, lowered to XNNPACK."""
+    return best_seconds(*linear_program(rows, cols, quantize, group), reps=reps)
+
+
+def linear_program(rows: int, cols: int, quantize: str, group: int) -> tuple[Any, torch.Tensor]:
+    """A loaded .pte holding one `[rows, cols]` linear (lowered to XNNPACK as the export lowers it), and an input."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from executorch.runtime import Runtime
@@ -82,9 +88,15 @@ def linear_seconds(rows: int, cols: int, quantize: str, group: int, reps: int = 
         ep = torch.export.export(lin, (x,))
     buf = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
     del lin, ep
-    prog = Runtime.get().load_program(buf)  # refers to `buf` and `prog`: both stay alive while it runs
+    prog = Runtime.get().load_program(buf)
     m = prog.load_method("forward")
+    m.keep = (prog, buf)  # the method runs on both: they live as long as it does
     m.execute([x])
+    return m, x
+
+
+def best_seconds(m: Any, x: torch.Tensor, reps: int = 20) -> float:
+    """Best of `reps` calls of method `m` on `x`."""
     best = math.inf
     for _ in range(reps):
         t = time.perf_counter()

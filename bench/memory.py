@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 CHILD = r"""
-import json, os, sys, time
+import contextlib, json, os, sys, time
 
 def status():
     fields = (ln.split(":", 1) for ln in open("/proc/self/status"))
@@ -43,9 +43,10 @@ imported = status()
 t = time.perf_counter()
 if runner:  # ExecuTorch's stock runner (C++, through its Python binding)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
-    with no_mlock():
+    with contextlib.nullcontext() if lock else no_mlock():
         r = TextLLMRunner(pte, runner)  # loads the program
-    page_on_demand(pte)
+    if not lock:
+        page_on_demand(pte)
     load_s, loaded = time.perf_counter() - t, status()
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(runner)  # a text of about n_prompt tokens; the runner adds <bos>
@@ -119,7 +120,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--as-user", type=int, help="run the measured process as this uid (setpriv; root only)")
-    ap.add_argument("--lock", action="store_true", help="load as ExecuTorch does by default (mlock the tables)")
+    ap.add_argument(
+        "--lock", action="store_true", help="load as ExecuTorch does by default, the runner too (mlock the tables)"
+    )
     ap.add_argument("--threads", type=int, help="thread pool size (default: ExecuTorch's)")
     ap.add_argument("--runner", action="store_true", help="ExecuTorch's TextLLMRunner instead of g4.PteModel")
     a = ap.parse_args()

@@ -5,10 +5,10 @@
 
 Each option is GROUP:EMBEDDING_BITS for an 8da4w export of the same random checkpoint (E2B's
 structure at `--hidden` width, `--layers` deep; the linears' int4 groups and the 4-bit tables' groups
-are the same size). For each: .pte size, export peak RSS, then `bench/memory.py`'s run (peak RSS,
-TTFT of a 128-token prompt, decode tok/s) and the logits of 8 teacher-forced sequences against fp32
-eager `g4.forward` computed in another process (max |diff|, KL, cosine, top-1). Writes
-bench/results/quant_options-TAG.json.
+are the same size). For each: .pte size, export peak RSS, then `bench/memory.py`'s run (peak RSS; its
+speed is in the JSON, but compare speed side by side, bench/paired.py) and the logits of 8
+teacher-forced sequences against fp32 eager `g4.forward` computed in another process (max |diff|,
+KL, cosine, top-1). Writes bench/results/quant_options-TAG.json.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def main() -> None:
         print(json.dumps({opt: rows[opt]}), file=sys.stderr, flush=True)
     res = {"config": tag, "ctx": a.ctx, "versions": versions(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
     (Path(a.out) / f"quant_options-{tag}.json").write_text(json.dumps(res, indent=1))
-    print("| group, embeddings | .pte | peak RSS | TTFT (128) | decode | max abs Δ | KL mean | cos min | top-1 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| group, embeddings | .pte | peak RSS | max abs Δ | KL mean | cos min | top-1 |")
+    print("|---|---|---|---|---|---|---|")
     for opt, r in rows.items():
         if "accuracy" not in r:
             print(f"| {opt} | export failed: {r['export']['error']} |")
@@ -117,8 +117,6 @@ def main() -> None:
             f"{r['group_size']}, {r['embedding_bits']}-bit",
             f"{r['pte_bytes'] / 2**20:.0f} MiB",
             f"{run['status']['VmHWM'] / 2**20:.0f} MiB",
-            f"{run['ttft_s'] * 1e3:.0f} ms",
-            f"{run['decode_tok_s']:.1f} tok/s",
             f"{acc['max_abs_logit_diff']:.3f}",
             f"{acc['kl_mean']:.2e}",
             f"{acc['cos_min']:.4f}",
