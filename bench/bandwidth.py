@@ -108,7 +108,7 @@ def best_seconds(m: Any, x: torch.Tensor, reps: int = 20) -> float:
 def linear_bytes(n: int, rows: int, quantize: str, group: int) -> float:
     """Bytes of an `n`-element linear weight with its scales."""
     if quantize == "8da4w":
-        return n * 0.5 + (n / group) * 4  # int4 + fp32 scale per group
+        return n * 0.5 + (n / group) * 2  # int4 + a bf16 scale per group (as the .pte holds them for XNNPACK)
     if quantize == "8da8w":
         return n + rows * 4
     return n * 4
