@@ -259,11 +259,9 @@ def versions() -> dict:
 
 def memory_plan(path: Path) -> int:
     """Bytes of the decoder method's memory plan (activations, KV caches, masks: one arena, held while loaded)."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
+    from memory import layout
 
-    prog = deserialize_pte_binary(path.read_bytes())
-    plan = next(p for p in getattr(prog, "program", prog).execution_plan if p.name in ("forward", "text_decoder"))
-    return sum(plan.non_const_buffer_sizes)
+    return layout(path)["memory_plan"]
 
 
 def g4_commit() -> str:
