@@ -44,7 +44,7 @@ t = time.perf_counter()
 if runner:  # ExecuTorch's stock runner (C++, through its Python binding)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
     with contextlib.nullcontext() if lock else no_mlock():
-        r = TextLLMRunner(pte, runner)  # loads the program
+        r = TextLLMRunner(pte, runner)  # loads the program; its method (XNNPACK's weights) on the first generate
     if not lock:
         page_on_demand(pte)
     load_s, loaded = time.perf_counter() - t, status()
