@@ -20,17 +20,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bandwidth import best_seconds, linear_program  # noqa: E402
+from bandwidth import best_seconds, linear_bytes, linear_program  # noqa: E402
 
 import g4  # noqa: E402
 
 VARIANTS = [("8da4w", 32), ("8da4w", 128), ("8da8w", 0)]
-
-
-def packed_bytes(rows: int, cols: int, quantize: str, group: int) -> int:
-    """Weight bytes with their scales as XNNPACK keeps them."""
-    n = rows * cols
-    return n // 2 + (n // group) * 2 if quantize == "8da4w" else n + rows * 4
 
 
 def main() -> None:
@@ -48,7 +42,7 @@ def main() -> None:
     rows = {}
     for q, g in VARIANTS:
         t = times[f"{q}/{g}"]
-        b = packed_bytes(V, H, q, g)
+        b = int(linear_bytes(V * H, V, q, g or 32))  # as XNNPACK holds them: bf16 group scales, fp32 per channel
         rows[f"{q}/{g}"] = {"bytes": b, "seconds": t, "median_ms": statistics.median(t) * 1e3, "GB_s": b / min(t) / 1e9}
         print(
             f"{q:6s} group {g or '-':>4}: {b / 2**20:6.0f} MiB, {statistics.median(t) * 1e3:6.2f} ms "

@@ -36,6 +36,7 @@ EXPORT = [
     (["tiny", "{out}", "--max-seq-len", "64", "--max-chunk", "65"], "max_chunk must be in [1, max_seq_len=64], got 65"),
     (["tiny", "{out}", "--max-seq-len", "1"], "max_seq_len must be >= 2, got 1"),
     (["tiny", "{out}", "--group-size", "0"], "group_size must be >= 1, got 0"),
+    (["tiny", "{out}", "--head-rows", "0"], "head_rows must be >= 1, got 0"),
     (["tiny", "{out}", "--quantize", "8da4w", "--group-size", "48"], "group_size 48 does not divide the input width"),
     (["tiny", "{out}", "--embedding-quantize", "4", "--group-size", "96"], "group_size 96 does not divide the width"),
     (["tiny", "{dir}"], "is a directory"),

@@ -58,9 +58,15 @@ def measure(pte, lock):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_tables_are_not_resident_after_a_run(big_vocab_pte):
+@pytest.fixture(scope="module")
+def unlocked_run(big_vocab_pte):
+    """One run of the big-vocabulary .pte as `g4.PteModel` loads it (shared by the tests below)."""
+    return measure(big_vocab_pte, lock=False)
+
+
+def test_tables_are_not_resident_after_a_run(big_vocab_pte, unlocked_run):
     assert TABLE_BYTES > 0.35 * big_vocab_pte.stat().st_size
-    ours = measure(big_vocab_pte, lock=False)
+    ours = unlocked_run
     # 48 tokens read 48 rows of each table: a few pages each, nowhere near the tables.
     assert ours["VmLck"] == 0 and ours["pte_rss"] < 0.1 * TABLE_BYTES, ours
     if os.geteuid() == 0:  # ExecuTorch's own load locks them all in RAM where it may (CAP_IPC_LOCK)
@@ -69,16 +75,16 @@ def test_tables_are_not_resident_after_a_run(big_vocab_pte):
         assert ours["VmHWM"] <= locked["VmHWM"] - 0.8 * TABLE_BYTES, (ours, locked)
 
 
-def test_weights_are_not_held_twice_while_loading(big_vocab_pte):
+def test_weights_are_not_held_twice_while_loading(unlocked_run):
     """XNNPACK holds a delegate's unpacked weights until it has packed them all: with the LM head in
     blocks of its own, loading peaks at about one block above what stays resident, not the whole head."""
-    ours = measure(big_vocab_pte, lock=False)
+    ours = unlocked_run
     assert ours["load_peak_over_rss"] < HEAD_BYTES / 4, ours  # 8 blocks: 4 MiB each; one delegate: 32 MiB
 
 
-def test_running_a_pte_does_not_import_the_exporter(big_vocab_pte):
+def test_running_a_pte_does_not_import_the_exporter(unlocked_run):
     """`executorch.exir` (imported by ExecuTorch's `portable_lib` for a warning class) is 136 MiB of RSS."""
-    assert not measure(big_vocab_pte, lock=False)["exir_imported"]
+    assert not unlocked_run["exir_imported"]
 
 
 def test_no_mlock_restores_what_it_changed():

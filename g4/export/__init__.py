@@ -244,21 +244,25 @@ def _partitioner_configs() -> list[Any]:
     return [c for c in ALL_PARTITIONER_CONFIGS if c is not CatConfig]
 
 
-def _is_head_linear(n: torch.fx.Node, ep: Any) -> bool:
-    """A linear whose weight comes from one of the LM head's row blocks (its buffers, through a dequantize)."""
-    if n.op != "call_function" or "linear" not in str(n.target) or len(n.args) < 2:
-        return False
+def _head_linears(ep: Any) -> set[torch.fx.Node]:
+    """The linears whose weight comes from one of the LM head's row blocks (its buffers, through a dequantize)."""
     sources = {**ep.graph_signature.inputs_to_buffers, **ep.graph_signature.inputs_to_parameters}
-    todo, seen = [n.args[1]], set()
-    while todo:
-        x = todo.pop()
-        if not isinstance(x, torch.fx.Node) or x in seen:
+    head = buffer_name("params", "lm_head")
+    found = set()
+    for n in ep.graph_module.graph.nodes:
+        if n.op != "call_function" or "linear" not in str(n.target) or len(n.args) < 2:
             continue
-        seen.add(x)
-        if x.op == "placeholder" and buffer_name("params", "lm_head") in sources.get(x.name, ""):
-            return True
-        todo.extend(x.all_input_nodes)
-    return False
+        todo, seen = [n.args[1]], set()
+        while todo:
+            x = todo.pop()
+            if not isinstance(x, torch.fx.Node) or x in seen:
+                continue
+            seen.add(x)
+            if x.op == "placeholder" and head in sources.get(x.name, ""):
+                found.add(n)
+                break
+            todo.extend(x.all_input_nodes)
+    return found
 
 
 def _partitioners() -> list[Any]:
@@ -274,8 +278,8 @@ def _partitioners() -> list[Any]:
 
     class HeadBlocks(XnnpackPartitioner):
         def get_matched_nodes_from_configs(self, ep: Any) -> list[list[torch.fx.Node]]:
-            found = super().get_matched_nodes_from_configs(ep)
-            return [m for m in found if any(_is_head_linear(n, ep) for n in m)]
+            head = _head_linears(ep)
+            return [m for m in super().get_matched_nodes_from_configs(ep) if head.intersection(m)]
 
     configs = _partitioner_configs()
     return [HeadBlocks(configs=configs, per_op_mode=True), XnnpackPartitioner(configs=configs)]
