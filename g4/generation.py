@@ -30,8 +30,8 @@ def runtime() -> Any:
     quantized kernels that g4 programs call.
 
     The bindings' Python wrapper (`portable_lib`, which `executorch.runtime` imports) first imports
-    `executorch.exir` for a warning class: the exporter's whole stack, 136 MiB of RSS and seconds of
-    start-up in a process that only runs a .pte. The kernels' libraries are loaded as
+    `executorch.exir` for a warning class: the exporter's whole stack, in RSS and start-up time, in a
+    process that only runs a .pte (README, Run-time memory). The kernels' libraries are loaded as
     `executorch.extension.llm.custom_ops` and `executorch.kernels.quantized` load them.
     """
     import executorch

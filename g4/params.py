@@ -237,7 +237,7 @@ def init_value(path: str, shape: tuple[int, ...], cfg: Config, gen: torch.Genera
         return (1.0 + 0.1 * torch.randn(shape, generator=gen)) * shape[0] ** -0.25
     if len(shape) == 1:
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
-    # scaled in place: E2B's per-layer table is 9.4 GB in fp32, and a scaled copy would be another
+    # scaled in place: a scaled copy of a full-size per-layer table would double its fp32 peak
     if name == "embed_tokens_per_layer":  # looked up per layer in slices of width P
         return torch.randn(shape, generator=gen).mul_(cfg.hidden_size_per_layer_input**-0.5)
     return torch.randn(shape, generator=gen).mul_(shape[-1] ** -0.5)  # [..., out, in]

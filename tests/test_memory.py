@@ -83,7 +83,7 @@ def test_weights_are_not_held_twice_while_loading(unlocked_run):
 
 
 def test_running_a_pte_does_not_import_the_exporter(unlocked_run):
-    """`executorch.exir` (imported by ExecuTorch's `portable_lib` for a warning class) is 136 MiB of RSS."""
+    """`executorch.exir` (imported by ExecuTorch's `portable_lib` for a warning class) is the exporter's whole stack."""
     assert not unlocked_run["exir_imported"]
 
 
