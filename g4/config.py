@@ -121,13 +121,16 @@ class Config:
         return self.num_hidden_layers - self.num_kv_shared_layers
 
     @functools.cached_property
+    def kv_stores(self) -> dict[str, int]:
+        """Layer type -> the last KV-owning layer of that type: the donor of KV-shared layers, and the
+        K/V an assistant drafter reads (HF's "store" layers)."""
+        owners = self.layer_types[: self.first_shared]
+        return {t: max(i for i, u in enumerate(owners) if u == t) for t in LAYER_TYPES if t in owners}
+
+    @functools.cached_property
     def layers(self) -> tuple[LayerSpec, ...]:
         """Per-layer facts, derived once."""
-        donor = {
-            t: max(i for i in range(self.first_shared) if self.layer_types[i] == t)
-            for t in LAYER_TYPES
-            if t in self.layer_types[: self.first_shared]
-        }
+        donor = self.kv_stores
         k_eq_v = self.attention_k_eq_v  # full layers only
         full_kv = self.num_global_key_value_heads if k_eq_v and self.num_global_key_value_heads else None
         specs = []
@@ -275,3 +278,57 @@ CONFIGS["tiny-26b"] = attrs.evolve(
     top_k_experts=2,
     moe_intermediate_size=32,
 )
+
+
+DRAFT_TOKENS = 4  # tokens an assistant drafts per round when its generation_config.json names none
+
+
+@attrs.frozen(kw_only=True)
+class AssistantConfig:
+    """A Gemma 4 assistant drafter (`gemma4_assistant`): a few decoder layers with no K/V of their own.
+
+    `text` holds the drafter's layers. HF marks all of them KV-shared (each reads the target's K/V of
+    its layer type); g4 holds them with `num_kv_shared_layers=0`, as the drafter has no donor layer of
+    its own, and builds them without k/v weights.
+    """
+
+    text: Config
+    backbone_hidden_size: int  # the target's hidden size
+    use_ordered_embeddings: bool = False  # logits only for the tokens of the top centroids
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+    draft_tokens: int = DRAFT_TOKENS  # generation_config.json's num_assistant_tokens
+
+    def __attrs_post_init__(self) -> None:
+        t = self.text
+        if t.hidden_size_per_layer_input or t.enable_moe_block or t.use_double_wide_mlp:
+            raise ConfigError("assistant text_config: no per-layer inputs, experts or double-wide MLP expected")
+        if self.use_ordered_embeddings and (
+            self.num_centroids < 1
+            or t.vocab_size % self.num_centroids
+            or not 1 <= self.centroid_intermediate_top_k <= self.num_centroids
+        ):
+            raise ConfigError(
+                f"assistant: num_centroids ({self.num_centroids}) must divide vocab_size ({t.vocab_size}) and "
+                f"centroid_intermediate_top_k ({self.centroid_intermediate_top_k}) be in [1, num_centroids]"
+            )
+        if self.draft_tokens < 1:
+            raise ConfigError(f"assistant: num_assistant_tokens must be >= 1, got {self.draft_tokens}")
+
+    def check_target(self, target: Config) -> None:
+        """Raises ConfigError unless this drafter can read `target`'s K/V and hidden states."""
+        t = self.text
+        if self.backbone_hidden_size != target.hidden_size or t.vocab_size != target.vocab_size:
+            raise ConfigError(
+                f"assistant: backbone_hidden_size {self.backbone_hidden_size} / vocab_size {t.vocab_size} do not "
+                f"match the target's hidden_size {target.hidden_size} / vocab_size {target.vocab_size}"
+            )
+        for i, s in enumerate(t.layers):
+            if s.type not in target.kv_stores:
+                raise ConfigError(f"assistant: layer {i} is {s.type}; the target has no such layer")
+            store = target.layers[target.kv_stores[s.type]]
+            if (s.head_dim, s.num_kv_heads) != (store.head_dim, store.num_kv_heads):
+                raise ConfigError(
+                    f"assistant: layer {i} ({s.type}) has head_dim {s.head_dim} and {s.num_kv_heads} KV heads; the "
+                    f"target's K/V there have {store.head_dim} and {store.num_kv_heads}"
+                )

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from g4.config import FULL, SLIDING, Config, ConfigError
+from g4.config import DRAFT_TOKENS, FULL, SLIDING, AssistantConfig, Config, ConfigError
 from g4.params import Params, leaves_with_path
 
 TEXT_PREFIX = "model."  # Gemma4ForCausalLM
@@ -109,6 +109,61 @@ def config_from_hf(d: Mapping[str, Any]) -> Config:
         top_k_experts=int(d.get("top_k_experts") or 0),
         moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
     )
+
+
+def assistant_config_from_hf(d: Mapping[str, Any], generation: Mapping[str, Any] | None = None) -> AssistantConfig:
+    """Reads an assistant drafter's `config.json` dict (`gemma4_assistant`), and its generation config's
+    `num_assistant_tokens` if it names one."""
+    if not isinstance(d, Mapping) or d.get("model_type") != "gemma4_assistant":
+        got = d.get("model_type") if isinstance(d, Mapping) else type(d).__name__
+        raise ConfigError(f"config.json: model_type {got!r} is not a Gemma 4 assistant ('gemma4_assistant')")
+    text = d.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ConfigError("config.json: a gemma4_assistant config needs a 'text_config' object")
+    n = text.get("num_hidden_layers")
+    if text.get("num_kv_shared_layers") not in (None, 0, n):
+        raise ConfigError(f"config.json: text_config.num_kv_shared_layers must be num_hidden_layers ({n})")
+    draft = (generation or {}).get("num_assistant_tokens") or DRAFT_TOKENS
+    return AssistantConfig(
+        text=config_from_hf({**text, "num_kv_shared_layers": 0}),  # see AssistantConfig
+        backbone_hidden_size=int(d.get("backbone_hidden_size", 1536)),
+        use_ordered_embeddings=bool(d.get("use_ordered_embeddings", False)),
+        num_centroids=int(d.get("num_centroids", 2048)),
+        centroid_intermediate_top_k=int(d.get("centroid_intermediate_top_k", 32)),
+        draft_tokens=int(draft),
+    )
+
+
+def assistant_config_to_hf(acfg: AssistantConfig) -> dict[str, Any]:
+    """The assistant's Hugging Face `config.json` dict (`Gemma4AssistantForCausalLM`)."""
+    text = config_to_hf(acfg.text) | {
+        "num_kv_shared_layers": acfg.text.num_hidden_layers,
+        "vocab_size_per_layer_input": 0,
+    }
+    del text["architectures"]
+    return {
+        "architectures": ["Gemma4AssistantForCausalLM"],
+        "model_type": "gemma4_assistant",
+        "text_config": text,
+        "backbone_hidden_size": acfg.backbone_hidden_size,
+        "use_ordered_embeddings": acfg.use_ordered_embeddings,
+        "num_centroids": acfg.num_centroids,
+        "centroid_intermediate_top_k": acfg.centroid_intermediate_top_k,
+        "tie_word_embeddings": True,
+    }
+
+
+ASSISTANT_NAMES = {  # drafter tree paths outside its decoder (`model.`)
+    "pre_projection": "pre_projection.weight",
+    "post_projection": "post_projection.weight",
+    "centroids": "masked_embedding.centroids.weight",
+    "token_ordering": "masked_embedding.token_ordering",
+}
+
+
+def assistant_name(path: str) -> str:
+    """Drafter tree path -> checkpoint key."""
+    return ASSISTANT_NAMES.get(path) or TEXT_PREFIX + hf_name(path)
 
 
 def config_to_hf(cfg: Config) -> dict[str, Any]:

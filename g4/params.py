@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree
 
-from g4.config import Config
+from g4.config import AssistantConfig, Config
 
 T = TypeVar("T")
 
@@ -93,7 +93,20 @@ class Params:
     lm_head: Tensor | tuple[Tensor, ...] | None = None
 
 
-NODES = (Attention, Mlp, Router, Experts, Layer, Params)
+@attrs.frozen
+class Assistant:
+    """An assistant drafter: its layers read the target's K/V, so their attention has no k/v weights."""
+
+    embed_tokens: Tensor  # [V, h]: the drafter's tied LM head (its inputs are projections, not ids)
+    norm: Tensor  # [h]
+    layers: tuple[Layer, ...]
+    pre_projection: Tensor  # [h, 2 * Hb]: target embedding ++ target hidden state -> drafter width
+    post_projection: Tensor  # [Hb, h]: drafter hidden -> the next round's "target hidden state"
+    centroids: Tensor | None = None  # [C, h] ordered embeddings only
+    token_ordering: Tensor | None = None  # [V] int64: token ids, cluster by cluster
+
+
+NODES = (Attention, Mlp, Router, Experts, Layer, Params, Assistant)
 
 
 def _flatten(node: Any) -> tuple[list[Any], tuple[str, ...]]:
@@ -204,6 +217,29 @@ def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     return s
 
 
+KV_WEIGHTS = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm")
+
+
+def assistant_shapes(acfg: AssistantConfig) -> dict[str, tuple[int, ...]]:
+    """Path -> shape of every weight of an assistant drafter."""
+    t = acfg.text
+    s = {p: v for p, v in param_shapes(t).items() if not p.endswith(KV_WEIGHTS)}
+    s["pre_projection"] = (t.hidden_size, 2 * acfg.backbone_hidden_size)
+    s["post_projection"] = (acfg.backbone_hidden_size, t.hidden_size)
+    if acfg.use_ordered_embeddings:
+        s["centroids"] = (acfg.num_centroids, t.hidden_size)
+        s["token_ordering"] = (t.vocab_size,)
+    return s
+
+
+def build_assistant(acfg: AssistantConfig, get: Callable[[str, tuple[int, ...]], Tensor]) -> Assistant:
+    """Builds a drafter's tree by calling `get(path, shape)` for every weight it has."""
+    shapes = assistant_shapes(acfg)
+    p = _build_layers(acfg.text, lambda path: get(path, shapes[path]) if path in shapes else None)
+    top: dict[str, Any] = {n: get(n, s) for n, s in shapes.items() if "." not in n}
+    return Assistant(**top, layers=p)
+
+
 def build(cfg: Config, get: Callable[[str, tuple[int, ...]], Tensor]) -> Params:
     """Builds the tree by calling `get(path, shape)` for every weight the config has."""
 
@@ -211,6 +247,11 @@ def build(cfg: Config, get: Callable[[str, tuple[int, ...]], Tensor]) -> Params:
         return get(path, shapes[path]) if path in shapes else None
 
     shapes = param_shapes(cfg)
+    top = {n: g(n) for n in attrs.fields_dict(Params) if n not in ("layers", "lm_head")}
+    return Params(**top, layers=_build_layers(cfg, g))
+
+
+def _build_layers(cfg: Config, g: Callable[[str], Any]) -> tuple[Layer, ...]:
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
@@ -219,8 +260,7 @@ def build(cfg: Config, get: Callable[[str, tuple[int, ...]], Tensor]) -> Params:
         if not cfg.enable_moe_block:
             kids["router"] = kids["experts"] = None
         layers.append(Layer(**kids, **{n: g(p + n) for n in attrs.fields_dict(Layer) if n not in nodes}))
-    top = {n: g(n) for n in attrs.fields_dict(Params) if n not in ("layers", "lm_head")}
-    return Params(**top, layers=tuple(layers))
+    return tuple(layers)
 
 
 def init_value(path: str, shape: tuple[int, ...], cfg: Config, gen: torch.Generator) -> Tensor:
@@ -247,3 +287,15 @@ def init_params(cfg: Config, seed: int = 0, dtype: torch.dtype = torch.float32) 
     """Deterministic random parameters for `cfg` (same seed, same values on every machine)."""
     gen = torch.Generator().manual_seed(seed)
     return build(cfg, lambda path, shape: init_value(path, shape, cfg, gen).to(dtype))
+
+
+def init_assistant(acfg: AssistantConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Assistant:
+    """Deterministic random drafter weights; `token_ordering` a random permutation of the vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def get(path: str, shape: tuple[int, ...]) -> Tensor:
+        if path == "token_ordering":
+            return torch.randperm(shape[0], generator=gen)
+        return init_value(path, shape, acfg.text, gen).to(dtype)
+
+    return build_assistant(acfg, get)

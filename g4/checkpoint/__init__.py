@@ -24,10 +24,20 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
-from g4.config import Config, ConfigError
-from g4.hf import MM_IGNORED, MM_PREFIX, SHARED_KV_IGNORED, TEXT_PREFIX, config_from_hf, config_to_hf, hf_name
+from g4.config import AssistantConfig, Config, ConfigError
+from g4.hf import (
+    MM_IGNORED,
+    MM_PREFIX,
+    SHARED_KV_IGNORED,
+    TEXT_PREFIX,
+    assistant_config_from_hf,
+    assistant_name,
+    config_from_hf,
+    config_to_hf,
+    hf_name,
+)
 from g4.memory import libc
-from g4.params import Params, build, init_value, param_shapes
+from g4.params import Assistant, Params, assistant_shapes, build, build_assistant, init_value, param_shapes
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors dtype names g4 converts
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -89,7 +99,7 @@ class _Reader:
     converted to another dtype do not stay mapped (and counted in RSS) for the rest of the load.
     """
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], ints: tuple[str, ...] = ()):
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.where: dict[str, Path] = {}
         for f in files:
@@ -98,7 +108,7 @@ class _Reader:
                     if k in self.where:
                         raise CheckpointError(f"{f}: tensor {k!r} is in two files: {self.where[k].name} and {f.name}")
                     sl = h.get_slice(k)
-                    if sl.get_dtype() not in FLOAT_DTYPES:
+                    if sl.get_dtype() not in FLOAT_DTYPES and not (k in ints and sl.get_dtype() == "I64"):
                         raise CheckpointError(
                             f"{f}: tensor {k!r} has dtype {sl.get_dtype()}; g4 reads float weights "
                             f"({', '.join(FLOAT_DTYPES)}), so it would have to guess how to dequantize this one"
@@ -119,7 +129,7 @@ class _Reader:
         try:
             with self._open(self.where[key]) as h:
                 t = h.get_tensor(key)
-                if dtype is None or dtype == t.dtype:
+                if dtype is None or dtype == t.dtype or not t.is_floating_point():
                     setattr(t, MAPPED, True)  # a view of the file mapping: `release_pages` may drop its pages
                     return t
                 return t.to(dtype)
@@ -186,22 +196,9 @@ def load_checkpoint(
         f"{prefix}layers.{i}.{n}" for i in range(cfg.first_shared, cfg.num_hidden_layers) for n in SHARED_KV_IGNORED
     }
     ignorable |= {f"{prefix}layers.{i}.self_attn.v_norm.weight" for i in range(cfg.num_hidden_layers)}
-    for key in r.where:
-        if key in shapes or key in ignorable or key == "lm_head.weight":
-            continue
-        if prefix == MM_PREFIX and key.startswith(MM_IGNORED):
-            continue
-        raise CheckpointError(f"{r.where[key]}: unexpected tensor {key!r} for this Gemma 4 config")
-    for key, want in shapes.items():
-        if key not in r.where:
-            files = ", ".join(sorted({f.name for f in r.where.values()}))
-            raise CheckpointError(f"{folder}: missing tensor {key!r} (not in {files})")
-        if (got := r.shape(key)) != want:
-            raise CheckpointError(
-                f"{r.where[key]}: tensor {key!r} has shape {list(got)}, config.json implies {list(want)}"
-            )
-    if "lm_head.weight" in r.where and r.shape("lm_head.weight") != shapes[prefix + "embed_tokens.weight"]:
-        raise CheckpointError(f"{r.where['lm_head.weight']}: lm_head.weight shape differs from the embedding")
+    if prefix == MM_PREFIX:
+        ignorable |= {k for k in r.where if k.startswith(MM_IGNORED)}
+    _check_names(folder, r, shapes, ignorable, prefix + "embed_tokens.weight")
 
     bar = tqdm(total=len(shapes), desc="load", unit="tensor", disable=not progress, file=sys.stderr)
 
@@ -216,6 +213,51 @@ def load_checkpoint(
     if "lm_head.weight" in r.where:  # tied: check it rather than keep a second copy of V x H
         _check_tied(r, params.embed_tokens)
     return cfg, params
+
+
+def _check_names(folder: Path, r: _Reader, shapes: dict[str, tuple[int, ...]], ignorable: set[str], embed: str) -> None:
+    """Every tensor expected, none unexpected (bar `ignorable` and a tied lm_head), shapes as the config says."""
+    for key in r.where:
+        if key not in shapes and key not in ignorable and key != "lm_head.weight":
+            raise CheckpointError(f"{r.where[key]}: unexpected tensor {key!r} for this Gemma 4 config")
+    for key, want in shapes.items():
+        if key not in r.where:
+            files = ", ".join(sorted({f.name for f in r.where.values()}))
+            raise CheckpointError(f"{folder}: missing tensor {key!r} (not in {files})")
+        if (got := r.shape(key)) != want:
+            raise CheckpointError(
+                f"{r.where[key]}: tensor {key!r} has shape {list(got)}, config.json implies {list(want)}"
+            )
+    if "lm_head.weight" in r.where and r.shape("lm_head.weight") != shapes[embed]:
+        raise CheckpointError(f"{r.where['lm_head.weight']}: lm_head.weight shape differs from the embedding")
+
+
+def load_assistant(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[AssistantConfig, Assistant]:
+    """Loads an assistant drafter checkpoint folder (`gemma4_assistant`, as `save_pretrained` writes it)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory")
+    file, gen_file = folder / "config.json", folder / "generation_config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found (expected a Gemma 4 assistant checkpoint folder)")
+    try:
+        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else None
+        acfg = assistant_config_from_hf(json.loads(file.read_text()), gen)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file if gen is None else gen_file}: not valid JSON ({e})") from None
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    r = _Reader(_shards(folder), ints=(assistant_name("token_ordering"),))
+    shapes = {assistant_name(p): s for p, s in assistant_shapes(acfg).items()}
+    _check_names(folder, r, shapes, set(), assistant_name("embed_tokens"))
+    a = build_assistant(acfg, lambda p, _: r.get(assistant_name(p), dtype))
+    order = a.token_ordering
+    if order is not None and not torch.equal(order.sort().values, torch.arange(acfg.text.vocab_size)):
+        key = assistant_name("token_ordering")
+        raise CheckpointError(f"{r.where[key]}: tensor {key!r} is not a permutation of the vocabulary")
+    if "lm_head.weight" in r.where:
+        _check_tied(r, a.embed_tokens)
+    return acfg, a
 
 
 def _check_tied(r: _Reader, embed: Tensor, rows: int = 16384) -> None:

@@ -175,3 +175,21 @@ def put(
 def commit(cache: Cache, step: Step) -> Cache:
     """`cache` with the tags of `step`: its new tokens now count as held."""
     return attrs.evolve(cache, ring_end=step.ring_end, full_end=step.full_end)
+
+
+def truncate(cache: Cache, length: int) -> Cache:
+    """`cache` holding only positions `< length`: later slots count as empty (rejected draft tokens).
+
+    The K/V rows stay; the tags decide what attention sees. A ring keeps what the next call needs if it
+    has at least `sliding_window + T - 1` slots for calls of up to T tokens (`init_cache`'s `max_chunk`).
+    """
+    return attrs.evolve(
+        cache,
+        ring_end=cache.ring_end * (cache.ring_end <= length),
+        full_end=cache.full_end * (cache.full_end <= length),
+    )
+
+
+def key_positions(cache: Cache, layer_type: str) -> Tensor:
+    """Position held by each slot of a layer type's cache buffers `[S]` (-1: empty)."""
+    return (cache.ring_end if layer_type == SLIDING else cache.full_end) - 1

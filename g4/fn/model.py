@@ -163,8 +163,7 @@ def views(cfg: Config, positions: Tensor, step: Step | None, dtype: torch.dtype,
 
 
 def head(params: Params, cfg: Config, h: Tensor) -> Tensor:
-    """Final norm, tied LM head (the UNSCALED embedding matrix, or the exporter's copy), softcap."""
-    h = rms_norm(h, params.norm, cfg.rms_norm_eps)
+    """Tied LM head (the UNSCALED embedding matrix, or the exporter's copy), softcap; `h` is final-normed."""
     w = params.embed_tokens if params.lm_head is None else params.lm_head
     logits = F.linear(h, w) if isinstance(w, Tensor) else torch.cat([F.linear(h, b) for b in w], -1)  # row blocks
     return softcap(logits, cfg.final_logit_softcapping)
@@ -186,6 +185,21 @@ def forward(
     cache this is a plain causal forward; with one, prefill of any length and one-token decode are
     the same call.
     """
+    h, cache = hidden_states(params, cfg, tokens, positions, cache, hooks=hooks, last_only=last_only)
+    return head(params, cfg, h), cache
+
+
+def hidden_states(
+    params: Params,
+    cfg: Config,
+    tokens: Tensor,
+    positions: Tensor,
+    cache: Cache | None = None,
+    *,
+    hooks: Hooks = EAGER,
+    last_only: bool = False,
+) -> tuple[Tensor, Cache | None]:
+    """`forward` up to the LM head: the final-normed hidden states `[B, T, H]` (HF's last hidden state)."""
     check_inputs(cfg, tokens, positions, cache)
     eps = cfg.rms_norm_eps
     h = embed(params.embed_tokens, tokens, cfg.hidden_size**0.5)  # [B, T, H]
@@ -208,4 +222,5 @@ def forward(
         h = finish_layer(p, cfg, h, a, None if ple is None else ple[:, :, i], hooks.experts)
     if last_only and not cfg.num_kv_shared_layers:
         h = h[:, -1:]
-    return head(params, cfg, h), None if cache is None or step is None else kv.commit(cache, step)
+    h = rms_norm(h, params.norm, eps)
+    return h, None if cache is None or step is None else kv.commit(cache, step)

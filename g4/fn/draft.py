@@ -1,0 +1,62 @@
+"""Gemma 4's assistant drafter: a few layers that attend to the target's K/V from one position.
+
+One draft step takes the target's (scaled) embedding of the last token ++ a hidden state `[B, 1, 2 Hb]`
+(the target's last hidden state in the first step of a round, then the drafter's own projected one),
+and returns draft logits and the next hidden state. Every step of a round sits at the same position,
+the last token's, and reads the same K/V: the target's last K/V-owning layer of each type.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from g4.config import SLIDING, AssistantConfig
+from g4.fn.attention import EMPTY, sdpa
+from g4.fn.model import finish_layer, project_q
+from g4.fn.ops import rms_norm
+from g4.fn.rope import inv_freq, rope_table, rotate_half
+from g4.params import Assistant
+
+# HF builds the drafter's sliding mask as a bidirectional window (|q - k| <= W) flipped to look back:
+# a sliding layer sees the last W + 1 keys before the drafted position, one more than the target's.
+DRAFT_WINDOW_EXTRA = 1
+
+TargetKV = dict[str, tuple[Tensor, Tensor, Tensor]]  # layer type -> k, v `[B, S, nkv, d]`, key positions `[S]`
+
+
+def draft_mask(key_pos: Tensor, position: int, window: int | None) -> Tensor:
+    """Bool `[1, S]`: the keys a drafter query at `position` sees (held, before it; sliding: the last W + 1)."""
+    m = (key_pos != EMPTY) & (key_pos < position)
+    if window is not None:
+        m = m & (key_pos >= position - window - DRAFT_WINDOW_EXTRA)
+    return m[None]
+
+
+def draft_step(a: Assistant, acfg: AssistantConfig, x: Tensor, position: int, kv: TargetKV) -> tuple[Tensor, Tensor]:
+    """Draft logits `[B, 1, V]` (no softcap, as HF's assistant) and the next hidden state `[B, 1, Hb]`."""
+    cfg, eps = acfg.text, acfg.text.rms_norm_eps
+    h = F.linear(x, a.pre_projection)  # [B, 1, h]
+    pos = torch.tensor([position])
+    for p, spec in zip(a.layers, cfg.layers, strict=True):
+        k, v, key_pos = kv[spec.type]
+        cos, sin = rope_table(pos, inv_freq(spec.head_dim, spec.rope_theta, spec.partial_rotary_factor), h.dtype)
+        q = project_q(p.self_attn, spec, rms_norm(h, p.input_layernorm, eps), (cos, sin, rotate_half), eps)
+        m = draft_mask(key_pos, position, spec.window if spec.type == SLIDING else None)
+        h = finish_layer(p, cfg, h, sdpa(q, k, v, m, spec), None)
+    h = rms_norm(h, a.norm, eps)
+    return draft_logits(a, acfg, h), F.linear(h, a.post_projection)
+
+
+def draft_logits(a: Assistant, acfg: AssistantConfig, h: Tensor) -> Tensor:
+    """Logits `[B, T, V]` of the tied head; ordered embeddings score only the top centroids' tokens."""
+    if not acfg.use_ordered_embeddings:
+        return F.linear(h, a.embed_tokens)
+    assert a.centroids is not None and a.token_ordering is not None
+    B, T, _ = h.shape
+    top = torch.topk(F.linear(h, a.centroids), acfg.centroid_intermediate_top_k, dim=-1).indices  # [B, T, k]
+    ids = a.token_ordering.view(acfg.num_centroids, -1)[top].reshape(B, T, -1)  # [B, T, k * V/C]
+    scores = (h.unsqueeze(-2) @ a.embed_tokens[ids].transpose(-1, -2)).squeeze(-2)  # [B, T, k * V/C]
+    floor = scores.min() - 1.0  # every other token: below the lowest score computed, as HF
+    return torch.full((B, T, acfg.text.vocab_size), float(floor), dtype=h.dtype).scatter(-1, ids, scores)
