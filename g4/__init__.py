@@ -1,13 +1,22 @@
 """g4: a functional Gemma 4 text decoder with an ExecuTorch exporter."""
 
-from g4.checkpoint import CheckpointError, load_checkpoint, write_random_checkpoint
-from g4.config import CONFIGS, Config, ConfigError, LayerSpec
+from g4.checkpoint import (
+    CheckpointError,
+    load_assistant,
+    load_checkpoint,
+    write_random_assistant,
+    write_random_checkpoint,
+)
+from g4.config import ASSISTANTS, CONFIGS, AssistantConfig, Config, ConfigError, LayerSpec
 from g4.fn import EAGER, Q8, Cache, Hooks, forward, init_cache
-from g4.generation import EagerModel, PteModel, Sampler, generate
+from g4.generation import Drafter, EagerModel, PteModel, Sampler, generate
 from g4.params import Params, init_params, tree_map
 
 __all__ = [
+    "ASSISTANTS",
     "CONFIGS",
+    "AssistantConfig",
+    "Drafter",
     "EAGER",
     "Cache",
     "CheckpointError",
@@ -24,7 +33,9 @@ __all__ = [
     "generate",
     "init_cache",
     "init_params",
+    "load_assistant",
     "load_checkpoint",
     "tree_map",
+    "write_random_assistant",
     "write_random_checkpoint",
 ]

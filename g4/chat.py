@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from g4.generation import GenerateError, Generation, Model, Sampler, generate
+from g4.generation import Drafter, GenerateError, Generation, Model, Sampler, generate
 
 # Gemma 4's format, written for the tiny model; used for a tokenizer folder that carries no template.
 GEMMA4_TEMPLATE = Path(__file__).parent / "assets" / "tiny" / "chat_template.jinja"
@@ -176,6 +176,7 @@ class Chat:
     tools: list[dict[str, Any]] | None = None
     messages: list[Message] = attrs.field(factory=list)
     cached: list[int] = attrs.field(factory=list)  # tokens the model's cache holds, from position 0
+    drafter: Drafter | None = None  # speculative decoding (an eager model only)
 
     def text(self) -> str:
         """The conversation as the template renders it, ending with the model's turn opener."""
@@ -199,7 +200,15 @@ class Chat:
         ids = self.prompt()
         n = len(self.cached)
         start = n if n < len(ids) and ids[:n] == self.cached else 0
-        g = generate(self.model, ids[start:], max_new_tokens, sampler or Sampler(), start=start, on_token=on_token)
+        g = generate(
+            self.model,
+            ids[start:],
+            max_new_tokens,
+            sampler or Sampler(),
+            on_token=on_token,
+            start=start,
+            drafter=self.drafter,
+        )
         self.cached = ids + list(g.ids[:-1])  # the last token was sampled, not fed
         reply = list(g.ids[:-1] if g.ids and g.ids[-1] in self.model.eos_ids else g.ids)
         self.messages.append({"role": "assistant", "content": self.tokenizer.decode(reply, skip_special_tokens=False)})

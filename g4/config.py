@@ -332,3 +332,25 @@ class AssistantConfig:
                     f"assistant: layer {i} ({s.type}) has head_dim {s.head_dim} and {s.num_kv_heads} KV heads; the "
                     f"target's K/V there have {store.head_dim} and {store.num_kv_heads}"
                 )
+
+
+# A tiny drafter for the tiny target (its K/V heads and head dims), for tests and the README's example.
+ASSISTANTS: dict[str, AssistantConfig] = {
+    "tiny": AssistantConfig(
+        text=attrs.evolve(
+            CONFIGS["tiny"],
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            layer_types=(SLIDING, SLIDING, FULL),
+            num_kv_shared_layers=0,
+            hidden_size_per_layer_input=0,
+            use_double_wide_mlp=False,
+            final_logit_softcapping=None,
+        ),
+        backbone_hidden_size=CONFIGS["tiny"].hidden_size,
+        num_centroids=16,
+        centroid_intermediate_top_k=4,
+    )
+}

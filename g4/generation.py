@@ -8,16 +8,19 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
 from torch import Tensor
 
-from g4.config import Config
+from g4.config import AssistantConfig, Config
+from g4.fn import cache as kv
 from g4.fn import forward, init_cache
+from g4.fn.draft import DRAFT_WINDOW_EXTRA, draft_step
+from g4.fn.model import embed, head, hidden_states
 from g4.memory import no_mlock, page_on_demand
-from g4.params import Params
+from g4.params import Assistant, Params
 
 
 class GenerateError(ValueError):
@@ -103,18 +106,27 @@ class PteModel:
 
 
 class EagerModel:
-    """`g4.forward` with a cache, behind the same `step` interface as `PteModel`."""
+    """`g4.forward` with a cache, behind the same `step` interface as `PteModel`.
 
-    def __init__(self, cfg: Config, params: Params, max_context: int = 1024, eos_ids: Sequence[int] = ()):
-        self.cfg, self.params, self.max_context = cfg, params, max_context
+    `ring`: sliding-layer ring slots beyond the window's, which speculative decoding needs (`Drafter.ring`).
+    """
+
+    def __init__(
+        self, cfg: Config, params: Params, max_context: int = 1024, eos_ids: Sequence[int] = (), ring: int = 0
+    ):
+        self.cfg, self.params, self.max_context, self.ring = cfg, params, max_context, ring
         self.vocab_size, self.bos_id = cfg.vocab_size, cfg.bos_token_id
         self.eos_ids = tuple(eos_ids) or cfg.eos_token_id
-        self.cache = init_cache(cfg, max_seq_len=max_context, dtype=params.norm.dtype)
+        self.cache = self._empty()
+
+    def _empty(self) -> kv.Cache:
+        dtype = self.params.norm.dtype
+        return init_cache(self.cfg, max_seq_len=self.max_context, dtype=dtype, max_chunk=self.ring)
 
     def step(self, tokens: Sequence[int], start: int) -> Tensor:
         """Logits `[V]` (fp32) after feeding `tokens` at positions `start...`."""
         if start == 0:
-            self.cache = init_cache(self.cfg, max_seq_len=self.max_context, dtype=self.params.norm.dtype)
+            self.cache = self._empty()
         t = torch.tensor([list(tokens)], dtype=torch.int64)
         with torch.no_grad():
             logits, cache = forward(
@@ -123,6 +135,52 @@ class EagerModel:
         assert cache is not None
         self.cache = cache
         return logits[0, -1].float()
+
+    def verify(self, tokens: Sequence[int], start: int) -> tuple[Tensor, Tensor]:
+        """Logits `[T, V]` (fp32) and final hidden states `[T, H]` of every token fed at `start...`."""
+        if start == 0:
+            self.cache = self._empty()
+        t = torch.tensor([list(tokens)], dtype=torch.int64)
+        with torch.no_grad():
+            h, cache = hidden_states(self.params, self.cfg, t, torch.arange(start, start + len(tokens)), self.cache)
+            logits = head(self.params, self.cfg, h)
+        assert cache is not None
+        self.cache = cache
+        return logits[0].float(), h[0]
+
+    def truncate(self, length: int) -> None:
+        """Forgets positions `>= length` (rejected drafts)."""
+        self.cache = kv.truncate(self.cache, length)
+
+
+class Drafter:
+    """An assistant drafter (`g4.fn.draft`) proposing tokens from an `EagerModel` target's cache and hidden state."""
+
+    def __init__(self, acfg: AssistantConfig, params: Assistant, tokens: int | None = None):
+        self.acfg, self.params = acfg, params
+        self.tokens = acfg.draft_tokens if tokens is None else tokens
+        if self.tokens < 1:
+            raise GenerateError(f"draft tokens must be >= 1, got {self.tokens}")
+
+    def ring(self, cfg: Config) -> int:
+        """Ring slots a target needs: a verify call of 1 + N tokens may be rolled back to its first, and
+        the drafter then sees W + 1 keys before its position."""
+        return cfg.sliding_window + self.tokens + DRAFT_WINDOW_EXTRA
+
+    def propose(self, target: EagerModel, token: int, hidden: Tensor, position: int, n: int) -> list[int]:
+        """`n` draft tokens after `token` (not yet fed, at `position`); `hidden` `[H]` is the target's
+        final hidden state at the position before, the one that chose `token`."""
+        c, cfg = target.cache, target.cfg
+        stores = cfg.kv_stores.items()  # an eager cache holds plain tensors
+        keys = {t: (cast(Tensor, c.k[i]), cast(Tensor, c.v[i]), kv.key_positions(c, t)) for t, i in stores}
+        h, ids = hidden.view(1, 1, -1), []
+        with torch.no_grad():
+            for _ in range(n):
+                e = embed(target.params.embed_tokens, torch.tensor([[token]]), cfg.hidden_size**0.5)
+                logits, h = draft_step(self.params, self.acfg, torch.cat([e, h], -1), position, keys)
+                token = int(logits[0, -1].argmax())  # drafted greedily, as HF's MTP candidate generator
+                ids.append(token)
+        return ids
 
 
 Model = PteModel | EagerModel
@@ -137,6 +195,18 @@ class Sampler:
     top_p: float = 1.0
     seed: int = 0
 
+    def probs(self, logits: Tensor) -> Tensor:
+        """The distribution tokens are drawn from (temperature > 0)."""
+        x = logits.float() / self.temperature
+        if self.top_k > 0:
+            kth = torch.topk(x, min(self.top_k, x.numel())).values[-1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if self.top_p < 1.0:
+            p, idx = torch.sort(torch.softmax(x, -1), descending=True)
+            drop = torch.cumsum(p, -1) - p > self.top_p  # keep the smallest prefix reaching top_p
+            x[idx[drop]] = float("-inf")
+        return torch.softmax(x, -1)
+
     def make(self) -> Callable[[Tensor], int]:
         """A sampling function with its own generator (same seed, same tokens)."""
         gen = torch.Generator().manual_seed(self.seed)
@@ -144,17 +214,31 @@ class Sampler:
         def sample(logits: Tensor) -> int:
             if self.temperature <= 0:
                 return int(logits.argmax())
-            x = logits.float() / self.temperature
-            if self.top_k > 0:
-                kth = torch.topk(x, min(self.top_k, x.numel())).values[-1]
-                x = x.masked_fill(x < kth, float("-inf"))
-            if self.top_p < 1.0:
-                p, idx = torch.sort(torch.softmax(x, -1), descending=True)
-                drop = torch.cumsum(p, -1) - p > self.top_p  # keep the smallest prefix reaching top_p
-                x[idx[drop]] = float("-inf")
-            return int(torch.multinomial(torch.softmax(x, -1), 1, generator=gen))
+            return int(torch.multinomial(self.probs(logits), 1, generator=gen))
 
         return sample
+
+    def make_verifier(self) -> Callable[[Tensor, int], tuple[bool, int]]:
+        """`(target logits, draft token) -> (accepted, token)`, with its own generator.
+
+        Speculative sampling for a draft proposed with certainty (the drafter's argmax): accept it with
+        the target's probability p(d); otherwise draw from p without d, renormalized. The token's
+        distribution is exactly p (greedy: accepted iff it is the argmax, else the argmax).
+        """
+        gen = torch.Generator().manual_seed(self.seed + 1)
+
+        def verify(logits: Tensor, draft: int) -> tuple[bool, int]:
+            if self.temperature <= 0:
+                best = int(logits.argmax())
+                return best == draft, best
+            p = self.probs(logits)
+            if float(torch.rand((), generator=gen)) < float(p[draft]):
+                return True, draft
+            rest = p.clone()
+            rest[draft] = 0.0
+            return False, int(torch.multinomial(rest, 1, generator=gen))  # multinomial renormalizes
+
+        return verify
 
 
 @attrs.frozen
@@ -167,6 +251,9 @@ class Generation:
     ttft_s: float
     prefill_s: float
     decode_s: float
+    drafted: int = 0  # speculative decoding: draft tokens proposed
+    accepted: int = 0  # ... and accepted by the target
+    target_steps: int = 0  # target calls after the prefill (plain decoding: one per token after the first)
 
     @property
     def stats(self) -> str:
@@ -174,10 +261,26 @@ class Generation:
         n = len(self.ids)
         dec = (n - 1) / self.decode_s if n > 1 and self.decode_s > 0 else float("nan")
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return (
+        line = (
             f"ttft {self.ttft_s * 1000:.0f} ms | prefill {self.prompt_tokens / self.prefill_s:.1f} tok/s | "
             f"decode {dec:.1f} tok/s | {n} tokens | peak RSS {rss:.0f} MiB"
         )
+        if self.drafted:
+            per = self.target_steps / max(n - 1, 1)
+            line += f" | accepted {self.accepted}/{self.drafted} | {per:.2f} target steps per token"
+        return line
+
+
+def check_prompt(model: Model, prompt: Sequence[int], start: int) -> None:
+    """Raises GenerateError if `prompt` is empty, does not fit the context after `start`, or has bad ids."""
+    if not prompt:
+        raise GenerateError("prompt is empty")
+    if start + len(prompt) >= model.max_context:
+        raise GenerateError(
+            f"prompt is {start + len(prompt)} tokens; the model's context is {model.max_context} tokens"
+        )
+    if max(prompt) >= model.vocab_size or min(prompt) < 0:
+        raise GenerateError(f"prompt token ids must be in [0, {model.vocab_size})")
 
 
 def generate(
@@ -189,17 +292,17 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     keep_logits: bool = False,
     start: int = 0,
+    drafter: Drafter | None = None,
 ) -> Generation:
     """Prefill `prompt` at positions `start...` (0: a new sequence; more: after what the model's cache
-    holds), then sample up to `max_new_tokens`, stopping after a token in `stop` (default: the model's)."""
-    if not prompt:
-        raise GenerateError("prompt is empty")
-    if start + len(prompt) >= model.max_context:
-        raise GenerateError(
-            f"prompt is {start + len(prompt)} tokens; the model's context is {model.max_context} tokens"
-        )
-    if max(prompt) >= model.vocab_size or min(prompt) < 0:
-        raise GenerateError(f"prompt token ids must be in [0, {model.vocab_size})")
+    holds), then sample up to `max_new_tokens`, stopping after a token in `stop` (default: the model's).
+    With a `drafter`, decoding is speculative (`speculate`): the same tokens greedily, the same
+    distribution when sampling."""
+    if drafter is not None:
+        if not isinstance(model, EagerModel) or keep_logits:
+            raise GenerateError("drafting runs over the eager model (--eager), without kept logits")
+        return speculate(model, drafter, prompt, max_new_tokens, sampler, stop, on_token, start)
+    check_prompt(model, prompt, start)
     stop = tuple(model.eos_ids if stop is None else stop)
     sample = sampler.make()
     t0 = time.perf_counter()
@@ -219,4 +322,64 @@ def generate(
         logits = model.step([ids[-1]], pos)
         pos += 1
     t_end = time.perf_counter()
-    return Generation(tuple(ids), tuple(kept), len(prompt), t_first - t0, t_first - t0, t_end - t_first)
+    steps = max(len(ids) - 1, 0)
+    return Generation(tuple(ids), tuple(kept), len(prompt), t_first - t0, t_first - t0, t_end - t_first, 0, 0, steps)
+
+
+def speculate(
+    model: EagerModel,
+    drafter: Drafter,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    sampler: Sampler = Sampler(),
+    stop: Sequence[int] | None = None,
+    on_token: Callable[[int], None] | None = None,
+    start: int = 0,
+) -> Generation:
+    """`generate` with draft rounds: the drafter proposes N tokens, the target feeds the last token and
+    the N drafts in one call, keeps the drafts it agrees with (`Sampler.make_verifier`) and adds its own
+    next token; the cache then forgets the rejected drafts."""
+    check_prompt(model, prompt, start)
+    if model.ring < drafter.ring(model.cfg):
+        raise GenerateError(f"the target's cache needs ring={drafter.ring(model.cfg)} for drafting, has {model.ring}")
+    stop = tuple(model.eos_ids if stop is None else stop)
+    sample, verify = sampler.make(), sampler.make_verifier()
+    ids: list[int] = []
+
+    def emit(token: int) -> bool:
+        """Appends a token; whether generation is over."""
+        ids.append(token)
+        if on_token:
+            on_token(token)
+        return token in stop or len(ids) >= max_new_tokens
+
+    t0 = time.perf_counter()
+    logits, hidden = model.verify(prompt, start)
+    t_first = time.perf_counter()
+    pos = start + len(prompt)
+    drafted = accepted = steps = 0
+    over = emit(sample(logits[-1]))
+    h = hidden[-1]
+    while not over and pos < model.max_context:
+        n = max(0, min(drafter.tokens, max_new_tokens - len(ids) - 1, model.max_context - pos - 1))
+        drafts = drafter.propose(model, ids[-1], h, pos, n)
+        logits, hidden = model.verify([ids[-1], *drafts], pos)
+        steps, drafted = steps + 1, drafted + n
+        k, nxt = 0, None
+        for d in drafts:
+            ok, tok = verify(logits[k], d)
+            if not ok:
+                nxt = tok
+                break
+            k += 1
+            if over := emit(d):
+                break
+        accepted += k
+        if not over:
+            over = emit(sample(logits[k]) if nxt is None else nxt)
+        h, pos = hidden[k], pos + 1 + k
+        model.truncate(pos)
+    t_end = time.perf_counter()
+    return Generation(
+        tuple(ids), (), len(prompt), t_first - t0, t_first - t0, t_end - t_first, drafted, accepted, steps
+    )

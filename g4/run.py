@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from g4 import chat
-from g4.checkpoint import CheckpointError, load_checkpoint
-from g4.config import CONFIGS
-from g4.generation import EagerModel, GenerateError, PteModel, Sampler, generate
+from g4.checkpoint import CheckpointError, load_assistant, load_checkpoint
+from g4.config import CONFIGS, ConfigError
+from g4.generation import Drafter, EagerModel, GenerateError, PteModel, Sampler, generate
 from g4.params import init_params
 
 TINY = Path(__file__).parent / "assets" / "tiny"  # the tiny model's tokenizer folder (Gemma 4-shaped)
@@ -65,21 +65,31 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", help="named size with seeded random weights for --eager / --compare (e.g. tiny)")
     ap.add_argument("--max-seq-len", type=int, default=1024, help="eager cache length")
     ap.add_argument("--compare", action="store_true", help="run the .pte and the eager forward side by side")
+    d = ap.add_argument_group("speculative decoding (Gemma 4's assistant drafter)")
+    d.add_argument("--assistant", help="assistant checkpoint folder (gemma4_assistant) to draft with, with --eager")
+    d.add_argument("--draft-tokens", type=int, help="tokens drafted per round (default: the assistant's, else 4)")
+    d.add_argument("--no-draft", action="store_true", help="decode without drafting")
     return ap.parse_args(argv)
 
 
-def eager_model(a: argparse.Namespace, max_context: int) -> EagerModel:
-    """The pure forward with --checkpoint or --size weights."""
-    if a.checkpoint:
-        try:
+def eager_model(a: argparse.Namespace, max_context: int) -> tuple[EagerModel, Drafter | None]:
+    """The pure forward with --checkpoint or --size weights, and the --assistant drafter."""
+    try:
+        if a.checkpoint:
             cfg, params = load_checkpoint(a.checkpoint)
-        except CheckpointError as e:
-            raise GenerateError(str(e)) from None
-    elif a.size in CONFIGS:
-        cfg, params = CONFIGS[a.size], init_params(CONFIGS[a.size], seed=0)
-    else:
-        raise GenerateError("--eager/--compare need --checkpoint DIR or --size NAME (e.g. --size tiny)")
-    return EagerModel(cfg, params, max_context)
+        elif a.size in CONFIGS:
+            cfg, params = CONFIGS[a.size], init_params(CONFIGS[a.size], seed=0)
+        else:
+            raise GenerateError("--eager/--compare need --checkpoint DIR or --size NAME (e.g. --size tiny)")
+        drafter = None
+        if a.assistant and not a.no_draft:
+            acfg, assistant = load_assistant(a.assistant, dtype=params.norm.dtype)
+            acfg.check_target(cfg)
+            drafter = Drafter(acfg, assistant, a.draft_tokens)
+    except (CheckpointError, ConfigError) as e:
+        where = f"--assistant {a.assistant}: " if isinstance(e, ConfigError) else ""
+        raise GenerateError(f"{where}{e}") from None
+    return EagerModel(cfg, params, max_context, ring=drafter.ring(cfg) if drafter else 0), drafter
 
 
 def check_args(a: argparse.Namespace) -> None:
@@ -92,6 +102,11 @@ def check_args(a: argparse.Namespace) -> None:
         (not 0 < a.top_p <= 1, f"--top-p must be in (0, 1], got {a.top_p}"),
         (a.size is not None and a.size not in CONFIGS, f"--size {a.size} is not one of {', '.join(CONFIGS)}"),
         (a.threads is not None and a.threads < 1, f"--threads must be >= 1, got {a.threads}"),
+        (a.draft_tokens is not None and a.draft_tokens < 1, f"--draft-tokens must be >= 1, got {a.draft_tokens}"),
+        (
+            bool(a.assistant) and not a.no_draft and (not a.eager or a.compare),
+            "--assistant drafts over the eager model (--eager); .pte drafting is not exported yet",
+        ),
     ]
     for is_bad, message in bad:
         if is_bad:
@@ -117,7 +132,9 @@ def run(a: argparse.Namespace) -> int:
     if a.render and (a.tokens is not None or (a.prompt is None and not a.messages)):
         raise GenerateError("--render prints the text of a --prompt or --messages conversation")
     pte = PteModel(a.pte, threads=a.threads) if a.pte and (a.compare or not a.eager) else None
-    eager = eager_model(a, pte.max_context if pte else a.max_seq_len) if (a.eager or a.compare) else None
+    eager, drafter = None, None
+    if a.eager or a.compare:
+        eager, drafter = eager_model(a, pte.max_context if pte else a.max_seq_len)
     model = pte or eager
     assert model is not None
     if a.tokenizer:
@@ -139,16 +156,18 @@ def run(a: argparse.Namespace) -> int:
             prompt = [int(t) for t in a.tokens.split(",")]
         except ValueError:
             raise GenerateError(f"--tokens must be comma-separated integers, got {a.tokens!r}") from None
-        return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, None, a)
+        return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, None, a, drafter)
     tok = load_tokenizer(tok_path, model.vocab_size)
     if not a.chat:
         if a.render:
             print(tok.id_to_token(model.bos_id) + a.prompt, end="")
             return 0
         prompt = [model.bos_id, *tok.encode(a.prompt, add_special_tokens=False).ids]
-        return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, tok, a)
+        return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, tok, a, drafter)
     folder = tok_path.parent
-    session = chat.Chat(model, tok, chat.template(folder), chat.special_tokens(folder), enable_thinking=a.think)
+    session = chat.Chat(
+        model, tok, chat.template(folder), chat.special_tokens(folder), enable_thinking=a.think, drafter=drafter
+    )
     first = ([{"role": "system", "content": a.system}] if a.system else []) + read_messages(a.messages)
     if a.prompt is not None or a.messages:
         first += [{"role": "user", "content": a.prompt}] if a.prompt is not None else []
@@ -210,9 +229,11 @@ class Printer:
             self.printed = text
 
 
-def complete(model: EagerModel | PteModel, prompt: list[int], tok, a: argparse.Namespace) -> int:  # noqa: ANN001
+def complete(  # noqa: ANN001 (tok: tokenizers.Tokenizer or None)
+    model: EagerModel | PteModel, prompt: list[int], tok, a: argparse.Namespace, drafter: Drafter | None = None
+) -> int:
     """Generates from prompt ids and prints the text (the ids without a tokenizer), then a stats line."""
-    g = generate(model, prompt, a.max_new_tokens, sampler(a), on_token=Printer(tok, a.show_thinking))
+    g = generate(model, prompt, a.max_new_tokens, sampler(a), on_token=Printer(tok, a.show_thinking), drafter=drafter)
     print()
     print(g.stats, file=sys.stderr)
     return 0

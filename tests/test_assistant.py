@@ -5,35 +5,20 @@ import pytest
 import torch
 import transformers
 from reference import hf_model
+from safetensors.torch import load_file, save_file
 from transformers.models.gemma4 import configuration_gemma4
 
 import g4
 from g4.checkpoint import CheckpointError, load_assistant
-from g4.config import FULL, SLIDING, AssistantConfig
 from g4.fn.cache import key_positions
 from g4.fn.draft import draft_step
 from g4.fn.model import embed, hidden_states
+from g4.generation import Drafter, EagerModel, GenerateError, Sampler, generate
 from g4.hf import assistant_config_to_hf, assistant_name
 from g4.params import init_assistant, leaves_with_path
 
 TARGET = g4.CONFIGS["tiny"]  # 2 KV heads, head_dim 32 (sliding) / 64 (full), window 16, hidden 128
-ASSISTANT = AssistantConfig(
-    text=attrs.evolve(
-        TARGET,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        layer_types=(SLIDING, SLIDING, FULL),
-        num_kv_shared_layers=0,
-        hidden_size_per_layer_input=0,
-        use_double_wide_mlp=False,
-        final_logit_softcapping=None,
-    ),
-    backbone_hidden_size=TARGET.hidden_size,
-    num_centroids=16,
-    centroid_intermediate_top_k=4,
-)
+ASSISTANT = g4.config.ASSISTANTS["tiny"]  # its K/V heads and head dims are the tiny target's
 PROMPT = 24  # longer than the window: the drafter's sliding layers see only the last W + 1 keys
 
 
@@ -108,18 +93,18 @@ def test_drafter_matches_transformers(target, ordered, tmp_path, monkeypatch):
 
 def test_assistant_checkpoint_errors(tmp_path):
     acfg = attrs.evolve(ASSISTANT, use_ordered_embeddings=True)
-    hf = hf_assistant(acfg, init_assistant(acfg, seed=4))
-    hf.save_pretrained(tmp_path)
-    from safetensors.torch import load_file, save_file
-
+    hf_assistant(acfg, init_assistant(acfg, seed=4)).save_pretrained(tmp_path)
     sd = load_file(tmp_path / "model.safetensors")
     sd["masked_embedding.token_ordering"] = torch.zeros_like(sd["masked_embedding.token_ordering"])
     save_file(sd, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError, match="token_ordering.*not a permutation"):
+    with pytest.raises(CheckpointError, match="'masked_embedding.token_ordering' is not a permutation"):
         load_assistant(tmp_path)
-    with pytest.raises(CheckpointError, match="not a Gemma 4 assistant"):
-        load_assistant(tmp_path.parent / "nope") if False else None
-        (tmp_path / "config.json").write_text('{"model_type": "gemma4_text"}')
+    del sd["pre_projection.weight"]
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing tensor 'pre_projection.weight'"):
+        load_assistant(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gemma4_text"}')
+    with pytest.raises(CheckpointError, match="config.json: model_type 'gemma4_text' is not a Gemma 4 assistant"):
         load_assistant(tmp_path)
 
 
@@ -127,3 +112,105 @@ def test_drafter_must_fit_its_target():
     with pytest.raises(g4.ConfigError, match="backbone_hidden_size"):
         attrs.evolve(ASSISTANT, backbone_hidden_size=64).check_target(TARGET)
     ASSISTANT.check_target(TARGET)
+
+
+# --- speculative decoding -------------------------------------------------------------------------------
+
+N = 4  # draft tokens per round
+
+
+@pytest.fixture(scope="module")
+def models(target):
+    params, _ = target
+    drafter = Drafter(ASSISTANT, init_assistant(ASSISTANT, seed=4), tokens=N)
+    return EagerModel(TARGET, params, max_context=128, ring=drafter.ring(TARGET)), drafter
+
+
+def plain(model, prompt, n):
+    return generate(model, prompt, n, stop=()).ids
+
+
+class Oracle:
+    """Proposes the target's own greedy continuation (`future`), with every `wrong`-th draft replaced."""
+
+    def __init__(self, drafter, prompt_len, future, wrong=0):
+        self.tokens, self.ring, self.prompt_len = drafter.tokens, drafter.ring, prompt_len
+        self.future, self.wrong, self.calls = future, wrong, 0
+
+    def propose(self, target, token, hidden, position, n):
+        start = position - self.prompt_len + 1  # index in `future` of the first draft
+        out = list(self.future[start : start + n])
+        for i in range(len(out)):
+            self.calls += 1
+            if self.wrong and self.calls % self.wrong == 0:
+                out[i] = (out[i] + 1) % TARGET.vocab_size
+        return out
+
+
+PROMPTS = [[2, *range(10, 10 + n)] for n in (5, 19)]  # 6 and 20 tokens: before and past the window
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["short", "long"])
+def test_speculative_greedy_is_the_targets_greedy(models, prompt):
+    model, drafter = models
+    want = plain(model, prompt, 48)  # 48 new tokens: the ring wraps several times, rolled back each round
+    g = generate(model, prompt, 48, stop=(), drafter=drafter)  # a random drafter: nearly everything rejected
+    assert g.ids == want
+    assert g.drafted > 0 and g.target_steps + g.accepted == len(want) - 1
+
+
+@pytest.mark.parametrize("wrong", [0, 3])
+def test_accepted_drafts_keep_the_targets_greedy(models, wrong):
+    """An oracle drafter: every draft accepted (wrong=0), or every third one wrong (cache rolled back)."""
+    model, drafter = models
+    prompt = PROMPTS[1]
+    want = plain(model, prompt, 41)
+    g = generate(model, prompt, 41, stop=(), drafter=Oracle(drafter, len(prompt), want, wrong))
+    assert g.ids == want
+    if wrong == 0:
+        assert g.accepted == g.drafted == 40 - 40 // (N + 1)  # 8 rounds of 4 drafts + the target's own token
+        assert g.target_steps == 40 // (N + 1)
+    else:
+        assert 0 < g.accepted < g.drafted
+
+
+def test_drafting_needs_a_ring_for_rollback(target):
+    params, _ = target
+    drafter = Drafter(ASSISTANT, init_assistant(ASSISTANT, seed=4), tokens=N)
+    with pytest.raises(GenerateError, match="ring=21"):
+        generate(EagerModel(TARGET, params, max_context=128), [2, 5, 6], 8, drafter=drafter)
+
+
+@pytest.mark.parametrize("sampler", [Sampler(0.8, seed=7), Sampler(1.0, top_k=4, top_p=0.9, seed=7)])
+def test_rejection_rule_keeps_the_targets_distribution(sampler):
+    """Whatever token is drafted, accept-or-resample draws from the target's distribution."""
+    logits = torch.randn(6, generator=torch.Generator().manual_seed(0)) * 2
+    p = sampler.probs(logits)
+    trials = 20_000
+    for draft in (int(p.argmax()), int(p.argmin()), 2):
+        verify = attrs.evolve(sampler, seed=draft).make_verifier()
+        counts = torch.bincount(torch.tensor([verify(logits, draft)[1] for _ in range(trials)]), minlength=6)
+        freq = counts.double() / trials
+        sigma = (p.double() * (1 - p.double()) / trials).sqrt()
+        assert ((freq - p.double()).abs() <= 5 * sigma + 1e-12).all(), (draft, freq, p)
+
+
+def test_sampled_speculation_runs_and_counts(models):
+    model, drafter = models
+    g = generate(model, PROMPTS[0], 24, Sampler(0.7, seed=1), stop=(), drafter=drafter)
+    assert len(g.ids) == 24 and g.target_steps + g.accepted == 23 and "accepted" in g.stats
+
+
+def test_run_drafts_with_an_assistant_and_prints_the_same_tokens(tmp_path, capsys):
+    from g4.checkpoint import write_random_assistant
+    from g4.run import main
+
+    write_random_assistant(ASSISTANT, tmp_path, seed=4)
+    args = ["--eager", "--size", "tiny", "--tokens", "2,17,42", "--max-new-tokens", "24"]
+    assert main([*args, "--assistant", str(tmp_path), "--draft-tokens", "3"]) == 0
+    drafted = capsys.readouterr()
+    assert main([*args, "--assistant", str(tmp_path), "--no-draft"]) == 0
+    plain = capsys.readouterr()
+    assert drafted.out == plain.out and len(drafted.out.split()) == 24  # token ids, as without drafting
+    assert "| accepted 0/" in drafted.err and "target steps per token" in drafted.err
+    assert "accepted" not in plain.err

@@ -101,6 +101,14 @@ RUN = [
         ["--eager", "--tokenizer", "{badcfg}", "--size", "tiny", "--chat", "--prompt", "hi"],
         "tokenizer_config.json: not",
     ),
+    (["--eager", "--size", "tiny", "--draft-tokens", "0", "--tokens", "2"], "--draft-tokens must be >= 1, got 0"),
+    (["{pte}", "--assistant", "{asst}", "--tokens", "2"], "--assistant drafts over the eager model (--eager)"),
+    (["--eager", "--size", "tiny", "--assistant", "{missing}", "--tokens", "2"], "none.pte: not a directory"),
+    (["--eager", "--size", "tiny", "--assistant", "{small}", "--tokens", "2"], "is not a Gemma 4 assistant"),
+    (
+        ["--eager", "--checkpoint", "{small}", "--assistant", "{asst}", "--tokens", "2"],
+        "do not match the target's hidden_size 128 / vocab_size 256",
+    ),
 ]
 
 
@@ -115,8 +123,13 @@ def small_vocab_ck(tmp_path_factory):
     return ck
 
 
+@pytest.fixture(scope="module")
+def tiny_assistant(tmp_path_factory):
+    return g4.write_random_assistant(g4.config.ASSISTANTS["tiny"], tmp_path_factory.mktemp("asst"))
+
+
 @pytest.mark.parametrize("args,message", RUN, ids=[" ".join(a) for a, _ in RUN])
-def test_run_bad_input(tmp_path, pte_fp32, small_vocab_ck, capsys, args, message):
+def test_run_bad_input(tmp_path, pte_fp32, small_vocab_ck, tiny_assistant, capsys, args, message):
     build_tokenizer().save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no system role') }}")
     (tmp_path / "notjson.json").write_text("[{")
@@ -132,6 +145,7 @@ def test_run_bad_input(tmp_path, pte_fp32, small_vocab_ck, capsys, args, message
         notjson=tmp_path / "notjson.json",
         notlist=tmp_path / "notlist.json",
         badcfg=tmp_path / "cfg" / "tokenizer.json",
+        asst=tiny_assistant,
     )
     assert run_main([a.format(**fill) for a in args]) == 2
     ours = capsys.readouterr().err.strip().splitlines()

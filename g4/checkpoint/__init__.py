@@ -31,13 +31,24 @@ from g4.hf import (
     SHARED_KV_IGNORED,
     TEXT_PREFIX,
     assistant_config_from_hf,
+    assistant_config_to_hf,
     assistant_name,
     config_from_hf,
     config_to_hf,
     hf_name,
 )
 from g4.memory import libc
-from g4.params import Assistant, Params, assistant_shapes, build, build_assistant, init_value, param_shapes
+from g4.params import (
+    Assistant,
+    Params,
+    assistant_shapes,
+    build,
+    build_assistant,
+    init_assistant,
+    init_value,
+    leaves_with_path,
+    param_shapes,
+)
 
 FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors dtype names g4 converts
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -358,6 +369,20 @@ def write_random_checkpoint(
             "tie_word_embeddings": True,
         }
     atomic_write(out / "config.json", lambda f: f.write_text(json.dumps(hf, indent=2)))
+    return out
+
+
+def write_random_assistant(acfg: AssistantConfig, path: str | os.PathLike, seed: int = 0) -> Path:
+    """Writes a `Gemma4AssistantForCausalLM`-format drafter checkpoint (fp32) of `init_assistant` weights."""
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {assistant_name(p): t.contiguous() for p, t in leaves_with_path(init_assistant(acfg, seed))}
+    atomic_write(out / SINGLE, lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
+    gen = {"num_assistant_tokens": acfg.draft_tokens}
+    atomic_write(out / "generation_config.json", lambda f: f.write_text(json.dumps(gen, indent=2)))
+    atomic_write(out / "config.json", lambda f: f.write_text(json.dumps(assistant_config_to_hf(acfg), indent=2)))
     return out
 
 

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from g4.checkpoint import write_random_checkpoint
-from g4.config import CONFIGS
+from g4.checkpoint import write_random_assistant, write_random_checkpoint
+from g4.config import ASSISTANTS, CONFIGS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,15 +21,23 @@ def main(argv: list[str] | None = None) -> int:
     rnd.add_argument("--seed", type=int, default=0)
     rnd.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     rnd.add_argument("--max-shard-gb", type=float, default=4.0)
+    rnd.add_argument("--assistant", action="store_true", help="the size's assistant drafter (fp32) instead")
     a = ap.parse_args(argv)
+    if a.assistant and a.size not in ASSISTANTS:
+        print(f"error: --assistant: no assistant for {a.size} (have: {', '.join(ASSISTANTS)})", file=sys.stderr)
+        return 2
     try:
-        out = write_random_checkpoint(
-            CONFIGS[a.size],
-            a.dir,
-            seed=a.seed,
-            dtype=getattr(torch, a.dtype),
-            max_shard_bytes=int(a.max_shard_gb * (1 << 30)),
-            progress=True,
+        out = (
+            write_random_assistant(ASSISTANTS[a.size], a.dir, a.seed)
+            if a.assistant
+            else write_random_checkpoint(
+                CONFIGS[a.size],
+                a.dir,
+                seed=a.seed,
+                dtype=getattr(torch, a.dtype),
+                max_shard_bytes=int(a.max_shard_gb * (1 << 30)),
+                progress=True,
+            )
         )
     except OSError as e:
         print(f"error: cannot write {a.dir}: {e.strerror or e}", file=sys.stderr)
