@@ -247,8 +247,9 @@ def build(cfg: Config, get: Callable[[str, tuple[int, ...]], Tensor]) -> Params:
         return get(path, shapes[path]) if path in shapes else None
 
     shapes = param_shapes(cfg)
+    layers = _build_layers(cfg, g)  # first: random weights are drawn in this order
     top = {n: g(n) for n in attrs.fields_dict(Params) if n not in ("layers", "lm_head")}
-    return Params(**top, layers=_build_layers(cfg, g))
+    return Params(**top, layers=layers)
 
 
 def _build_layers(cfg: Config, g: Callable[[str], Any]) -> tuple[Layer, ...]:
