@@ -38,13 +38,17 @@ def draft_step(a: Assistant, acfg: AssistantConfig, x: Tensor, position: int, kv
     """Draft logits `[B, 1, V]` (no softcap, as HF's assistant) and the next hidden state `[B, 1, Hb]`."""
     cfg, eps = acfg.text, acfg.text.rms_norm_eps
     h = F.linear(x, a.pre_projection)  # [B, 1, h]
-    pos = torch.tensor([position])
+    pos, ropes, masks = torch.tensor([position]), {}, {}
+    for s in {s.type: s for s in cfg.layers}.values():  # per layer type: RoPE at `position`, the mask
+        ropes[s.type] = (
+            *rope_table(pos, inv_freq(s.head_dim, s.rope_theta, s.partial_rotary_factor), h.dtype),
+            rotate_half,
+        )
+        masks[s.type] = draft_mask(kv[s.type][2], position, s.window if s.type == SLIDING else None)
     for p, spec in zip(a.layers, cfg.layers, strict=True):
-        k, v, key_pos = kv[spec.type]
-        cos, sin = rope_table(pos, inv_freq(spec.head_dim, spec.rope_theta, spec.partial_rotary_factor), h.dtype)
-        q = project_q(p.self_attn, spec, rms_norm(h, p.input_layernorm, eps), (cos, sin, rotate_half), eps)
-        m = draft_mask(key_pos, position, spec.window if spec.type == SLIDING else None)
-        h = finish_layer(p, cfg, h, sdpa(q, k, v, m, spec), None)
+        k, v, _ = kv[spec.type]
+        q = project_q(p.self_attn, spec, rms_norm(h, p.input_layernorm, eps), ropes[spec.type], eps)
+        h = finish_layer(p, cfg, h, sdpa(q, k, v, masks[spec.type], spec), None)
     h = rms_norm(h, a.norm, eps)
     return draft_logits(a, acfg, h), F.linear(h, a.post_projection)
 
