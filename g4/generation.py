@@ -16,7 +16,7 @@ from torch import Tensor
 
 from g4.config import AssistantConfig, Config
 from g4.fn import cache as kv
-from g4.fn import forward, init_cache
+from g4.fn import init_cache
 from g4.fn.draft import DRAFT_WINDOW_EXTRA, draft_step
 from g4.fn.model import embed, head, hidden_states
 from g4.memory import no_mlock, page_on_demand
@@ -108,7 +108,7 @@ class PteModel:
 class EagerModel:
     """`g4.forward` with a cache, behind the same `step` interface as `PteModel`.
 
-    `ring`: sliding-layer ring slots beyond the window's, which speculative decoding needs (`Drafter.ring`).
+    `ring`: sliding-layer ring slots, at least the window's (speculative decoding needs more: `Drafter.ring`).
     """
 
     def __init__(
@@ -123,30 +123,24 @@ class EagerModel:
         dtype = self.params.norm.dtype
         return init_cache(self.cfg, max_seq_len=self.max_context, dtype=dtype, max_chunk=self.ring)
 
-    def step(self, tokens: Sequence[int], start: int) -> Tensor:
-        """Logits `[V]` (fp32) after feeding `tokens` at positions `start...`."""
+    def _feed(self, tokens: Sequence[int], start: int, last_only: bool) -> tuple[Tensor, Tensor]:
         if start == 0:
             self.cache = self._empty()
-        t = torch.tensor([list(tokens)], dtype=torch.int64)
+        t, positions = torch.tensor([list(tokens)], dtype=torch.int64), torch.arange(start, start + len(tokens))
         with torch.no_grad():
-            logits, cache = forward(
-                self.params, self.cfg, t, torch.arange(start, start + len(tokens)), self.cache, last_only=True
-            )
-        assert cache is not None
-        self.cache = cache
-        return logits[0, -1].float()
-
-    def verify(self, tokens: Sequence[int], start: int) -> tuple[Tensor, Tensor]:
-        """Logits `[T, V]` (fp32) and final hidden states `[T, H]` of every token fed at `start...`."""
-        if start == 0:
-            self.cache = self._empty()
-        t = torch.tensor([list(tokens)], dtype=torch.int64)
-        with torch.no_grad():
-            h, cache = hidden_states(self.params, self.cfg, t, torch.arange(start, start + len(tokens)), self.cache)
+            h, cache = hidden_states(self.params, self.cfg, t, positions, self.cache, last_only=last_only)
             logits = head(self.params, self.cfg, h)
         assert cache is not None
         self.cache = cache
         return logits[0].float(), h[0]
+
+    def step(self, tokens: Sequence[int], start: int) -> Tensor:
+        """Logits `[V]` (fp32) after feeding `tokens` at positions `start...`."""
+        return self._feed(tokens, start, last_only=True)[0][-1]
+
+    def verify(self, tokens: Sequence[int], start: int) -> tuple[Tensor, Tensor]:
+        """Logits `[T, V]` (fp32) and final hidden states `[T, H]` of every token fed at `start...`."""
+        return self._feed(tokens, start, last_only=False)
 
     def truncate(self, length: int) -> None:
         """Forgets positions `>= length` (rejected drafts)."""
@@ -322,8 +316,15 @@ def generate(
         logits = model.step([ids[-1]], pos)
         pos += 1
     t_end = time.perf_counter()
-    steps = max(len(ids) - 1, 0)
-    return Generation(tuple(ids), tuple(kept), len(prompt), t_first - t0, t_first - t0, t_end - t_first, 0, 0, steps)
+    return Generation(
+        tuple(ids),
+        tuple(kept),
+        len(prompt),
+        t_first - t0,
+        t_first - t0,
+        t_end - t_first,
+        target_steps=max(len(ids) - 1, 0),
+    )
 
 
 def speculate(
@@ -381,5 +382,5 @@ def speculate(
         model.truncate(pos)
     t_end = time.perf_counter()
     return Generation(
-        tuple(ids), (), len(prompt), t_first - t0, t_first - t0, t_end - t_first, drafted, accepted, steps
+        tuple(ids), (), len(prompt), t_first - t0, t_first - t0, t_end - t_first, drafted, accepted, target_steps=steps
     )
