@@ -64,9 +64,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for f in attrs.fields(ExportOptions):
         choices = f.metadata["choices"]
         if isinstance(f.default, bool):
-            ap.add_argument(
-                "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f.metadata["help"]
-            )
+            off = f"turn off: {f.metadata['help']}"
+            ap.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=off)
             continue
         ap.add_argument(
             "--" + f.name.replace("_", "-"),
