@@ -234,3 +234,23 @@ def test_random_checkpoint_into_unwritable_folder(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: cannot write"), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_export_on_a_full_disk_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """The .pte goes through a temporary file; a write that fails (ENOSPC here) ends in one line, exit 2."""
+    import errno
+
+    import g4.checkpoint
+
+    real = g4.checkpoint.os.replace
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(g4.checkpoint.os, "replace", full)
+    before = files(tmp_path)
+    assert export_main(["tiny", str(tmp_path / "x.pte"), "--max-seq-len", "64"]) == 2
+    monkeypatch.setattr(g4.checkpoint.os, "replace", real)
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.startswith("error: ")]
+    assert err == [f"error: {tmp_path / 'x.pte'}: cannot write (No space left on device)"]
+    assert files(tmp_path) == before

@@ -165,10 +165,13 @@ def run(a: argparse.Namespace) -> int:
         f"load + quantize ({opts.quantize}, embeddings {opts.embedding_quantize or 'none'}): "
         f"{time.perf_counter() - t0:.1f} s{memory()}"
     )
-    export_pte(attrs.evolve(cfg, eos_token_id=stops), q.finish(weights), out, opts, log=say)
-    for src, dst in tokenizers:  # the tokenizer travels with the .pte, so `python -m g4.run OUT.pte` finds it
-        say(f"  {'replaced' if dst.exists() else 'wrote'} {dst} (from {src})")
-        shutil.copyfile(src, dst)
+    try:
+        export_pte(attrs.evolve(cfg, eos_token_id=stops), q.finish(weights), out, opts, log=say)
+        for src, dst in tokenizers:  # the tokenizer travels with the .pte, so `python -m g4.run OUT.pte` finds it
+            say(f"  {'replaced' if dst.exists() else 'wrote'} {dst} (from {src})")
+            shutil.copyfile(src, dst)
+    except OSError as e:  # a full disk: the .pte is written through a temporary file, so nothing is left
+        raise UsageError(f"{e.filename or out}: cannot write ({e.strerror or e})") from None
     size = out.stat().st_size
     print(
         f"wrote {out}: {size / 2**20:.1f} MiB in {time.perf_counter() - t_start:.0f} s | "
