@@ -43,20 +43,8 @@ TARGET = attrs.evolve(
     hidden_size_per_layer_input=64,
     sliding_window=64,
 )
-ASSISTANT = AssistantConfig(
-    text=attrs.evolve(
-        TARGET,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        layer_types=(SLIDING, SLIDING, FULL),
-        num_kv_shared_layers=0,
-        hidden_size_per_layer_input=0,
-        use_double_wide_mlp=False,
-        final_logit_softcapping=None,
-    ),
-    backbone_hidden_size=TARGET.hidden_size,
+ASSISTANT = AssistantConfig.for_target(
+    TARGET, hidden_size=256, intermediate_size=512, num_attention_heads=4, layer_types=(SLIDING, SLIDING, FULL)
 )
 PROMPT, LENGTH = 8, 72  # random prompt tokens, sequence length with the target's greedy continuation
 

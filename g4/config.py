@@ -315,6 +315,37 @@ class AssistantConfig:
         if self.draft_tokens < 1:
             raise ConfigError(f"assistant: num_assistant_tokens must be >= 1, got {self.draft_tokens}")
 
+    @classmethod
+    def for_target(
+        cls,
+        target: Config,
+        *,
+        hidden_size: int,
+        intermediate_size: int,
+        num_attention_heads: int,
+        layer_types: tuple[str, ...],
+        **kw: Any,
+    ) -> AssistantConfig:
+        """A drafter of these sizes for `target`: its vocabulary, K/V heads, head dims, window and RoPE;
+        no per-layer inputs, experts, double-wide MLP or softcap."""
+        text = attrs.evolve(
+            target,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_attention_heads=num_attention_heads,
+            num_hidden_layers=len(layer_types),
+            layer_types=layer_types,
+            num_kv_shared_layers=0,
+            hidden_size_per_layer_input=0,
+            use_double_wide_mlp=False,
+            final_logit_softcapping=None,
+            enable_moe_block=False,
+            num_experts=0,
+            top_k_experts=0,
+            moe_intermediate_size=0,
+        )
+        return cls(text=text, backbone_hidden_size=target.hidden_size, **kw)
+
     def check_target(self, target: Config) -> None:
         """Raises ConfigError unless this drafter can read `target`'s K/V and hidden states."""
         t = self.text
@@ -334,22 +365,14 @@ class AssistantConfig:
                 )
 
 
-# A tiny drafter for the tiny target (its K/V heads and head dims), for tests and the README's example.
+# A tiny drafter for the tiny target, for tests and the README's example.
 ASSISTANTS: dict[str, AssistantConfig] = {
-    "tiny": AssistantConfig(
-        text=attrs.evolve(
-            CONFIGS["tiny"],
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            layer_types=(SLIDING, SLIDING, FULL),
-            num_kv_shared_layers=0,
-            hidden_size_per_layer_input=0,
-            use_double_wide_mlp=False,
-            final_logit_softcapping=None,
-        ),
-        backbone_hidden_size=CONFIGS["tiny"].hidden_size,
+    "tiny": AssistantConfig.for_target(
+        CONFIGS["tiny"],
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        layer_types=(SLIDING, SLIDING, FULL),
         num_centroids=16,
         centroid_intermediate_top_k=4,
     )
