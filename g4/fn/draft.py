@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from g4.config import SLIDING, AssistantConfig
+from g4.config import AssistantConfig
 from g4.fn.attention import EMPTY, sdpa
 from g4.fn.model import finish_layer, project_q
 from g4.fn.ops import rms_norm
@@ -44,7 +44,7 @@ def draft_step(a: Assistant, acfg: AssistantConfig, x: Tensor, position: int, kv
             *rope_table(pos, inv_freq(s.head_dim, s.rope_theta, s.partial_rotary_factor), h.dtype),
             rotate_half,
         )
-        masks[s.type] = draft_mask(kv[s.type][2], position, s.window if s.type == SLIDING else None)
+        masks[s.type] = draft_mask(kv[s.type][2], position, s.window)  # window: None on full layers
     for p, spec in zip(a.layers, cfg.layers, strict=True):
         k, v, _ = kv[spec.type]
         q = project_q(p.self_attn, spec, rms_norm(h, p.input_layernorm, eps), ropes[spec.type], eps)
