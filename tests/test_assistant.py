@@ -214,3 +214,23 @@ def test_run_drafts_with_an_assistant_and_prints_the_same_tokens(tmp_path, capsy
     assert drafted.out == plain.out and len(drafted.out.split()) == 24  # token ids, as without drafting
     assert "| accepted 0/" in drafted.err and "target steps per token" in drafted.err
     assert "accepted" not in plain.err
+
+
+def test_a_chat_drafts_over_its_cache_and_says_the_same(models):
+    """Two chat turns with a drafter (the second continues the cache, rolled back after each round)
+    give the same replies as without one."""
+    from tiny_tokenizer import build as build_tokenizer
+
+    from g4 import chat
+    from g4.run import TINY
+
+    model, drafter = models
+    tok, tpl, special = build_tokenizer(), chat.template(TINY), chat.special_tokens(TINY)
+    replies = {}
+    for name, d in (("plain", None), ("draft", drafter)):
+        session = chat.Chat(model, tok, tpl, special, drafter=d)
+        gs = [session.reply([{"role": "user", "content": t}], 12) for t in ("yooqsg zqp zfdoje rz", "mouxtu")]
+        fed_new_only = gs[1].prompt_tokens < len(session.cached) - len(gs[1].ids)
+        replies[name] = [g.ids for g in gs], fed_new_only, all(g.drafted > 0 for g in gs) == (d is not None)
+    assert replies["draft"] == replies["plain"]
+    assert replies["draft"][1:] == (True, True)  # the second turn fed only the new tokens; both turns drafted
