@@ -10,8 +10,7 @@ from transformers.models.gemma4 import configuration_gemma4
 
 import g4
 from g4.checkpoint import CheckpointError, load_assistant
-from g4.fn.cache import key_positions
-from g4.fn.draft import draft_step
+from g4.fn.draft import draft_step, target_kv
 from g4.fn.model import embed, hidden_states
 from g4.generation import Drafter, EagerModel, GenerateError, Sampler, generate
 from g4.hf import assistant_config_to_hf, assistant_name
@@ -76,7 +75,7 @@ def test_drafter_matches_transformers(target, ordered, tmp_path, monkeypatch):
 
     cache = g4.init_cache(TARGET, max_seq_len=64, max_chunk=TARGET.sliding_window + 5)
     h, cache = hidden_states(params, TARGET, tokens, torch.arange(PROMPT), cache)
-    kv = {t: (cache.k[i], cache.v[i], key_positions(cache, t)) for t, i in TARGET.kv_stores.items()}
+    kv = target_kv(TARGET, cache)
     x = torch.cat([embed(params.embed_tokens, last, TARGET.hidden_size**0.5), h[:, -1:]], -1)
     assert torch.equal(x, x_hf)
 
@@ -103,6 +102,10 @@ def test_assistant_checkpoint_errors(tmp_path):
     save_file(sd, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="missing tensor 'pre_projection.weight'"):
         load_assistant(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="generation_config.json: not valid JSON"):
+        load_assistant(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{}")
     (tmp_path / "config.json").write_text('{"model_type": "gemma4_text"}')
     with pytest.raises(CheckpointError, match="config.json: model_type 'gemma4_text' is not a Gemma 4 assistant"):
         load_assistant(tmp_path)

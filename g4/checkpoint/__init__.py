@@ -251,11 +251,14 @@ def load_assistant(path: str | os.PathLike, dtype: torch.dtype = torch.float32) 
     file, gen_file = folder / "config.json", folder / "generation_config.json"
     if not file.is_file():
         raise CheckpointError(f"{file}: not found (expected a Gemma 4 assistant checkpoint folder)")
+    docs = {}
+    for f in (file, gen_file) if gen_file.is_file() else (file,):
+        try:
+            docs[f] = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{f}: not valid JSON ({e})") from None
     try:
-        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else None
-        acfg = assistant_config_from_hf(json.loads(file.read_text()), gen)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file if gen is None else gen_file}: not valid JSON ({e})") from None
+        acfg = assistant_config_from_hf(docs[file], docs.get(gen_file))
     except ConfigError as e:
         raise CheckpointError(f"{file}: {e}") from None
     r = _Reader(_shards(folder), ints=(assistant_name("token_ordering"),))
