@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 import g4
 from g4.config import FULL, SLIDING, AssistantConfig
-from g4.fn.cache import key_positions
-from g4.fn.draft import draft_step
+from g4.fn.draft import draft_step, target_kv
 from g4.fn.model import embed, hidden_states
 from g4.generation import Drafter, EagerModel, generate
 from g4.params import init_assistant, tree_map
@@ -70,7 +69,7 @@ def teacher(params: g4.Params, ids: torch.Tensor) -> tuple[torch.Tensor, dict, t
     cache = g4.init_cache(TARGET, batch=ids.shape[0], max_seq_len=LENGTH, max_chunk=LENGTH)  # ring holds all
     h, cache = hidden_states(params, TARGET, ids, torch.arange(LENGTH), cache)
     assert cache is not None
-    kv = {t: (cache.k[i], cache.v[i], key_positions(cache, t)) for t, i in TARGET.kv_stores.items()}
+    kv = target_kv(TARGET, cache)
     return h, kv, embed(params.embed_tokens, ids, TARGET.hidden_size**0.5)
 
 

@@ -8,7 +8,7 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor
 from g4.config import AssistantConfig, Config
 from g4.fn import cache as kv
 from g4.fn import init_cache
-from g4.fn.draft import DRAFT_WINDOW_EXTRA, draft_step
+from g4.fn.draft import DRAFT_WINDOW_EXTRA, draft_step, target_kv
 from g4.fn.model import embed, head, hidden_states
 from g4.memory import no_mlock, page_on_demand
 from g4.params import Assistant, Params
@@ -123,7 +123,9 @@ class EagerModel:
         dtype = self.params.norm.dtype
         return init_cache(self.cfg, max_seq_len=self.max_context, dtype=dtype, max_chunk=self.ring)
 
-    def _feed(self, tokens: Sequence[int], start: int, last_only: bool) -> tuple[Tensor, Tensor]:
+    def verify(self, tokens: Sequence[int], start: int, last_only: bool = False) -> tuple[Tensor, Tensor]:
+        """Logits `[T, V]` (fp32) and final hidden states `[T, H]` of the tokens fed at `start...` (every
+        one; the last only with `last_only`, as for a prefill)."""
         if start == 0:
             self.cache = self._empty()
         t, positions = torch.tensor([list(tokens)], dtype=torch.int64), torch.arange(start, start + len(tokens))
@@ -136,11 +138,7 @@ class EagerModel:
 
     def step(self, tokens: Sequence[int], start: int) -> Tensor:
         """Logits `[V]` (fp32) after feeding `tokens` at positions `start...`."""
-        return self._feed(tokens, start, last_only=True)[0][-1]
-
-    def verify(self, tokens: Sequence[int], start: int) -> tuple[Tensor, Tensor]:
-        """Logits `[T, V]` (fp32) and final hidden states `[T, H]` of every token fed at `start...`."""
-        return self._feed(tokens, start, last_only=False)
+        return self.verify(tokens, start, last_only=True)[0][-1]
 
     def truncate(self, length: int) -> None:
         """Forgets positions `>= length` (rejected drafts)."""
@@ -164,9 +162,7 @@ class Drafter:
     def propose(self, target: EagerModel, token: int, hidden: Tensor, position: int, n: int) -> list[int]:
         """`n` draft tokens after `token` (not yet fed, at `position`); `hidden` `[H]` is the target's
         final hidden state at the position before, the one that chose `token`."""
-        c, cfg = target.cache, target.cfg
-        stores = cfg.kv_stores.items()  # an eager cache holds plain tensors
-        keys = {t: (cast(Tensor, c.k[i]), cast(Tensor, c.v[i]), kv.key_positions(c, t)) for t, i in stores}
+        cfg, keys = target.cfg, target_kv(target.cfg, target.cache)
         h, ids = hidden.view(1, 1, -1), []
         with torch.no_grad():
             for _ in range(n):
@@ -355,7 +351,7 @@ def speculate(
         return token in stop or len(ids) >= max_new_tokens
 
     t0 = time.perf_counter()
-    logits, hidden = model.verify(prompt, start)
+    logits, hidden = model.verify(prompt, start, last_only=True)  # the prompt's last logits and hidden state
     t_first = time.perf_counter()
     pos = start + len(prompt)
     drafted = accepted = steps = 0

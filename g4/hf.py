@@ -8,13 +8,13 @@ from typing import Any
 from torch import Tensor
 
 from g4.config import DRAFT_TOKENS, FULL, SLIDING, AssistantConfig, Config, ConfigError
-from g4.params import Params, leaves_with_path
+from g4.params import KV_WEIGHTS, Params, leaves_with_path
 
 TEXT_PREFIX = "model."  # Gemma4ForCausalLM
 MM_PREFIX = "model.language_model."  # Gemma4ForConditionalGeneration (hub -it and base checkpoints)
 MM_IGNORED = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 # KV-shared layers still carry these in hub checkpoints; the reference never uses them.
-SHARED_KV_IGNORED = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_norm.weight")
+SHARED_KV_IGNORED = tuple(p + ".weight" for p in KV_WEIGHTS)
 
 
 # Tensors that are parameters of their own in transformers, not a module's `.weight`.

@@ -232,27 +232,30 @@ def assistant_shapes(acfg: AssistantConfig) -> dict[str, tuple[int, ...]]:
     return s
 
 
-def build_assistant(acfg: AssistantConfig, get: Callable[[str, tuple[int, ...]], Tensor]) -> Assistant:
+Get = Callable[[str, tuple[int, ...]], Tensor]  # (path, shape) -> the weight
+
+
+def build_assistant(acfg: AssistantConfig, get: Get) -> Assistant:
     """Builds a drafter's tree by calling `get(path, shape)` for every weight it has."""
     shapes = assistant_shapes(acfg)
-    p = _build_layers(acfg.text, lambda path: get(path, shapes[path]) if path in shapes else None)
+    layers = _build_layers(acfg.text, shapes, get)
     top: dict[str, Any] = {n: get(n, s) for n, s in shapes.items() if "." not in n}
-    return Assistant(**top, layers=p)
+    return Assistant(**top, layers=layers)
 
 
-def build(cfg: Config, get: Callable[[str, tuple[int, ...]], Tensor]) -> Params:
+def build(cfg: Config, get: Get) -> Params:
     """Builds the tree by calling `get(path, shape)` for every weight the config has."""
-
-    def g(path: str) -> Any:  # None where the config has no such weight
-        return get(path, shapes[path]) if path in shapes else None
-
     shapes = param_shapes(cfg)
-    layers = _build_layers(cfg, g)  # first: random weights are drawn in this order
-    top = {n: g(n) for n in attrs.fields_dict(Params) if n not in ("layers", "lm_head")}
+    layers = _build_layers(cfg, shapes, get)  # first: random weights are drawn in this order
+    names = [n for n in attrs.fields_dict(Params) if n not in ("layers", "lm_head")]
+    top: dict[str, Any] = {n: get(n, shapes[n]) if n in shapes else None for n in names}
     return Params(**top, layers=layers)
 
 
-def _build_layers(cfg: Config, g: Callable[[str], Any]) -> tuple[Layer, ...]:
+def _build_layers(cfg: Config, shapes: dict[str, tuple[int, ...]], get: Get) -> tuple[Layer, ...]:
+    def g(path: str) -> Any:  # None where the config has no such weight
+        return get(path, shapes[path]) if path in shapes else None
+
     layers = []
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."

@@ -8,12 +8,15 @@ the last token's, and reads the same K/V: the target's last K/V-owning layer of 
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from g4.config import AssistantConfig
+from g4.config import AssistantConfig, Config
 from g4.fn.attention import EMPTY, sdpa
+from g4.fn.cache import Cache, key_positions
 from g4.fn.model import finish_layer, project_q
 from g4.fn.ops import rms_norm
 from g4.fn.rope import inv_freq, rope_table, rotate_half
@@ -24,6 +27,14 @@ from g4.params import Assistant
 DRAFT_WINDOW_EXTRA = 1
 
 TargetKV = dict[str, tuple[Tensor, Tensor, Tensor]]  # layer type -> k, v `[B, S, nkv, d]`, key positions `[S]`
+
+
+def target_kv(cfg: Config, cache: Cache) -> TargetKV:
+    """What a drafter reads of a target's (plain) cache: each type's store layer's K/V and slot positions."""
+    return {
+        t: (cast(Tensor, cache.k[i]), cast(Tensor, cache.v[i]), key_positions(cache, t))
+        for t, i in cfg.kv_stores.items()
+    }
 
 
 def draft_mask(key_pos: Tensor, position: int, window: int | None) -> Tensor:
