@@ -54,12 +54,12 @@ def greedy_text(params: g4.Params, n: int, seed: int) -> torch.Tensor:
     """`n` sequences: a random prompt, then the target's greedy continuation `[n, LENGTH]`."""
     ids = torch.randint(3, TARGET.vocab_size, (n, PROMPT), generator=torch.Generator().manual_seed(seed))
     cache = g4.init_cache(TARGET, batch=n, max_seq_len=LENGTH)
-    logits, cache = g4.forward(params, TARGET, ids, torch.arange(PROMPT), cache, last_only=True)
+    logits, cache = g4.forward(params, TARGET, ids, torch.arange(PROMPT), cache, last=1)
     for t in range(PROMPT, LENGTH):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], 1)
         if t < LENGTH - 1:
-            logits, cache = g4.forward(params, TARGET, nxt, torch.tensor([t]), cache, last_only=True)
+            logits, cache = g4.forward(params, TARGET, nxt, torch.tensor([t]), cache, last=1)
     return ids
 
 
@@ -87,7 +87,7 @@ def train(params: g4.Params, ids: torch.Tensor, n: int, steps: int, lr: float, l
         keys = {t: (k[rows], v[rows], pos) for t, (k, v, pos) in kv.items()}
         x, loss = torch.cat([emb[rows, p : p + 1], h[rows, p - 1 : p]], -1), 0.0
         for j in range(n):  # draft j predicts the token at p + 1 + j
-            logits, nxt = draft_step(a, ASSISTANT, x, p, keys)
+            logits, nxt = draft_step(a, ASSISTANT, x, torch.tensor([p]), keys)
             loss = loss + F.cross_entropy(logits[:, 0], ids[rows, p + 1 + j])
             x = torch.cat([emb[rows, p + 1 + j : p + 2 + j], nxt], -1)  # teacher-forced token, own hidden state
         opt.zero_grad()

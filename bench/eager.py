@@ -73,7 +73,7 @@ def measure(cfg: g4.Config, dtype: torch.dtype) -> dict:
     for n in (128, 512):
         x = torch.randint(0, cfg.vocab_size, (1, n), generator=gen)
         out[f"prefill{n}"] = {
-            "g4": n / best(lambda x=x, n=n: g4.forward(params, cfg, x, torch.arange(n), last_only=True)),
+            "g4": n / best(lambda x=x, n=n: g4.forward(params, cfg, x, torch.arange(n), last=1)),
             "transformers": n / best(lambda x=x: ref(input_ids=x, use_cache=False, logits_to_keep=1)),
         }
     prompt = torch.randint(0, cfg.vocab_size, (1, 128), generator=gen)
@@ -81,11 +81,11 @@ def measure(cfg: g4.Config, dtype: torch.dtype) -> dict:
 
     def g4_decode() -> None:
         cache = g4.init_cache(cfg, max_seq_len=256, dtype=dtype)
-        _, cache = g4.forward(params, cfg, prompt, torch.arange(128), cache, last_only=True)
+        _, cache = g4.forward(params, cfg, prompt, torch.arange(128), cache, last=1)
         t = time.perf_counter()
         tok = prompt[:, -1:]
         for i in range(steps):
-            _, cache = g4.forward(params, cfg, tok, torch.tensor([128 + i]), cache, last_only=True)
+            _, cache = g4.forward(params, cfg, tok, torch.tensor([128 + i]), cache, last=1)
         timings.append(time.perf_counter() - t)
 
     def hf_decode() -> None:

@@ -65,7 +65,7 @@ def main() -> None:
         t = time.perf_counter()
         cache = g4.init_cache(cfg, max_seq_len=n + a.steps + 1, dtype=dtype)
         cache = g4.tree_map(lambda x: x.to(a.device), cache)
-        ours, cache = g4.forward(params, cfg, prompt, torch.arange(n, device=a.device), cache, last_only=True)
+        ours, cache = g4.forward(params, cfg, prompt, torch.arange(n, device=a.device), cache, last=1)
         out = ref(input_ids=prompt, use_cache=True, logits_to_keep=1)
         theirs, pkv = out.logits, out.past_key_values
         diffs, agree = [float((ours - theirs).abs().max())], [bool(ours.argmax() == theirs.argmax())]

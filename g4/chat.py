@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from g4.generation import Drafter, GenerateError, Generation, Model, Sampler, generate
+from g4.generation import AnyDrafter, GenerateError, Generation, Model, Sampler, generate
 
 # Gemma 4's format, written for the tiny model; used for a tokenizer folder that carries no template.
 GEMMA4_TEMPLATE = Path(__file__).parent / "assets" / "tiny" / "chat_template.jinja"
@@ -176,7 +176,7 @@ class Chat:
     tools: list[dict[str, Any]] | None = None
     messages: list[Message] = attrs.field(factory=list)
     cached: list[int] = attrs.field(factory=list)  # tokens the model's cache holds, from position 0
-    drafter: Drafter | None = None  # speculative decoding (an eager model only)
+    drafter: AnyDrafter | None = None  # speculative decoding
 
     def text(self) -> str:
         """The conversation as the template renders it, ending with the model's turn opener."""

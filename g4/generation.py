@@ -17,7 +17,7 @@ from torch import Tensor
 from g4.config import AssistantConfig, Config
 from g4.fn import cache as kv
 from g4.fn import init_cache
-from g4.fn.draft import DRAFT_WINDOW_EXTRA, draft_step, target_kv
+from g4.fn.draft import draft_ring, draft_step, target_kv
 from g4.fn.model import embed, head, hidden_states
 from g4.memory import no_mlock, page_on_demand
 from g4.params import Assistant, Params
@@ -58,6 +58,7 @@ class PteModel:
 
     Its lookup tables stay on disk, paged in by the rows a token reads (`g4.memory`); `lock=True`
     loads it as ExecuTorch does by default, which for a privileged process locks them all in RAM.
+    A program exported with an assistant (`draft_tokens` > 0) also drafts (`PteDrafter`).
     """
 
     def __init__(self, path: str | Path, lock: bool = False, threads: int | None = None):
@@ -93,16 +94,31 @@ class PteModel:
         self.max_chunk = const("get_max_seq_len", self.max_context)[0]
         self.bos_id = const("get_bos_id", 2)[0]
         self.eos_ids = tuple(const("get_eos_ids"))
+        self.draft_tokens = const("get_draft_tokens", 0)[0]
         self.method = prog.load_method("forward")
+        self._draft = prog.load_method("draft") if self.draft_tokens else None
 
-    def step(self, tokens: Sequence[int], start: int) -> Tensor:
-        """Logits `[V]` after feeding `tokens` at positions `start...` (in chunks the .pte accepts)."""
+    def verify(self, tokens: Sequence[int], start: int, last: int | None = None) -> Tensor:
+        """Logits `[K, V]` of the last tokens fed at positions `start...` (in chunks the .pte accepts):
+        K = 1, or with a drafter min(T, 1 + N) of the last chunk's T (`last` is the program's own)."""
         logits = None
         for i in range(0, len(tokens), self.max_chunk):
             chunk = torch.tensor([list(tokens[i : i + self.max_chunk])], dtype=torch.int64)
             logits = self.method([chunk, torch.tensor([start + i], dtype=torch.int64)])[0]
         assert logits is not None
-        return logits.reshape(-1, logits.shape[-1])[-1]
+        return logits.reshape(-1, logits.shape[-1])
+
+    def step(self, tokens: Sequence[int], start: int) -> Tensor:
+        """Logits `[V]` after feeding `tokens` at positions `start...`."""
+        return self.verify(tokens, start)[-1]
+
+    def draft(self, token: int, position: int, row: int | None) -> int:
+        """The program's drafter: the token after `token` at `position`, from hidden state `row` of the
+        last `verify`'s logits (`None`: the drafter's own last)."""
+        assert self._draft is not None
+        i = self.draft_tokens + 1 if row is None else row
+        args = [torch.tensor([[token]]), torch.tensor([position]), torch.tensor([i])]
+        return int(self._draft(args)[0][0])
 
 
 class EagerModel:
@@ -123,26 +139,26 @@ class EagerModel:
         dtype = self.params.norm.dtype
         return init_cache(self.cfg, max_seq_len=self.max_context, dtype=dtype, max_chunk=self.ring)
 
-    def verify(self, tokens: Sequence[int], start: int, last_only: bool = False) -> tuple[Tensor, Tensor]:
-        """Logits `[T, V]` (fp32) and final hidden states `[T, H]` of the tokens fed at `start...` (every
-        one; the last only with `last_only`, as for a prefill)."""
+    def verify(self, tokens: Sequence[int], start: int, last: int | None = None) -> Tensor:
+        """Logits `[K, V]` (fp32) of the last K = min(T, `last`) tokens fed at `start...` (all T without
+        `last`); their final hidden states stay in `hidden` `[K, H]` for a drafter. A call forgets what
+        the cache held from `start` on (rejected drafts)."""
         if start == 0:
             self.cache = self._empty()
         t, positions = torch.tensor([list(tokens)], dtype=torch.int64), torch.arange(start, start + len(tokens))
         with torch.no_grad():
-            h, cache = hidden_states(self.params, self.cfg, t, positions, self.cache, last_only=last_only)
+            h, cache = hidden_states(self.params, self.cfg, t, positions, self.cache, last=last)
             logits = head(self.params, self.cfg, h)
         assert cache is not None
-        self.cache = cache
-        return logits[0].float(), h[0]
+        self.cache, self.hidden = cache, h[0]
+        return logits[0].float()
 
     def step(self, tokens: Sequence[int], start: int) -> Tensor:
         """Logits `[V]` (fp32) after feeding `tokens` at positions `start...`."""
-        return self.verify(tokens, start, last_only=True)[0][-1]
+        return self.verify(tokens, start, last=1)[-1]
 
-    def truncate(self, length: int) -> None:
-        """Forgets positions `>= length` (rejected drafts)."""
-        self.cache = kv.truncate(self.cache, length)
+
+Model = PteModel | EagerModel
 
 
 class Drafter:
@@ -155,25 +171,47 @@ class Drafter:
             raise GenerateError(f"draft tokens must be >= 1, got {self.tokens}")
 
     def ring(self, cfg: Config) -> int:
-        """Ring slots a target needs: a verify call of 1 + N tokens may be rolled back to its first, and
-        the drafter then sees W + 1 keys before its position."""
-        return cfg.sliding_window + self.tokens + DRAFT_WINDOW_EXTRA
+        """Ring slots a target needs (`g4.fn.draft.draft_ring`)."""
+        return draft_ring(cfg, self.tokens)
 
-    def propose(self, target: EagerModel, token: int, hidden: Tensor, position: int, n: int) -> list[int]:
-        """`n` draft tokens after `token` (not yet fed, at `position`); `hidden` `[H]` is the target's
-        final hidden state at the position before, the one that chose `token`."""
-        cfg, keys = target.cfg, target_kv(target.cfg, target.cache)
-        h, ids = hidden.view(1, 1, -1), []
+    def propose(self, target: Model, token: int, row: int, position: int, n: int) -> list[int]:
+        """`n` draft tokens after `token` (not yet fed, at `position`), from the target's final hidden
+        state `row` of its last `verify` (the position before: the one that chose `token`)."""
+        if not isinstance(target, EagerModel):
+            raise GenerateError("an eager drafter drafts for an eager target (--eager)")
+        cfg, keys, pos = target.cfg, target_kv(target.cfg, target.cache), torch.tensor([position])
+        h, ids = target.hidden[row].view(1, 1, -1), []
         with torch.no_grad():
             for _ in range(n):
                 e = embed(target.params.embed_tokens, torch.tensor([[token]]), cfg.hidden_size**0.5)
-                logits, h = draft_step(self.params, self.acfg, torch.cat([e, h], -1), position, keys)
+                logits, h = draft_step(self.params, self.acfg, torch.cat([e, h], -1), pos, keys)
                 token = int(logits[0, -1].argmax())  # drafted greedily, as HF's MTP candidate generator
                 ids.append(token)
         return ids
 
 
-Model = PteModel | EagerModel
+class PteDrafter:
+    """The drafter inside a .pte (its `draft` method), behind `Drafter.propose`."""
+
+    def __init__(self, model: PteModel, tokens: int | None = None):
+        self.tokens = model.draft_tokens if tokens is None else tokens
+        if not 1 <= self.tokens <= model.draft_tokens:
+            raise GenerateError(
+                f"draft tokens must be in [1, {model.draft_tokens}] for {model.path}, got {self.tokens}"
+            )
+
+    def propose(self, target: Model, token: int, row: int, position: int, n: int) -> list[int]:
+        """`n` draft tokens after `token` at `position`, from `row` of the target's last `verify`."""
+        assert isinstance(target, PteModel)
+        ids: list[int] = []
+        src: int | None = row
+        for _ in range(n):
+            token, src = target.draft(token, position, src), None
+            ids.append(token)
+        return ids
+
+
+AnyDrafter = Drafter | PteDrafter
 
 
 @attrs.frozen
@@ -282,15 +320,15 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     keep_logits: bool = False,
     start: int = 0,
-    drafter: Drafter | None = None,
+    drafter: AnyDrafter | None = None,
 ) -> Generation:
     """Prefill `prompt` at positions `start...` (0: a new sequence; more: after what the model's cache
     holds), then sample up to `max_new_tokens`, stopping after a token in `stop` (default: the model's).
     With a `drafter`, decoding is speculative (`speculate`): the same tokens greedily, the same
     distribution when sampling."""
     if drafter is not None:
-        if not isinstance(model, EagerModel) or keep_logits:
-            raise GenerateError("drafting runs over the eager model (--eager), without kept logits")
+        if keep_logits:
+            raise GenerateError("drafting keeps no logits")
         return speculate(model, drafter, prompt, max_new_tokens, sampler, stop, on_token, start)
     check_prompt(model, prompt, start)
     stop = tuple(model.eos_ids if stop is None else stop)
@@ -324,8 +362,8 @@ def generate(
 
 
 def speculate(
-    model: EagerModel,
-    drafter: Drafter,
+    model: Model,
+    drafter: AnyDrafter,
     prompt: Sequence[int],
     max_new_tokens: int,
     sampler: Sampler = Sampler(),
@@ -335,10 +373,10 @@ def speculate(
 ) -> Generation:
     """`generate` with draft rounds: the drafter proposes N tokens, the target feeds the last token and
     the N drafts in one call, keeps the drafts it agrees with (`Sampler.make_verifier`) and adds its own
-    next token; the cache then forgets the rejected drafts."""
+    next token; the next call forgets the rejected drafts."""
     check_prompt(model, prompt, start)
-    if model.ring < drafter.ring(model.cfg):
-        raise GenerateError(f"the target's cache needs ring={drafter.ring(model.cfg)} for drafting, has {model.ring}")
+    if isinstance(model, EagerModel) and model.ring < (need := draft_ring(model.cfg, drafter.tokens)):
+        raise GenerateError(f"the target's cache needs ring={need} for drafting, has {model.ring}")
     stop = tuple(model.eos_ids if stop is None else stop)
     sample, verify = sampler.make(), sampler.make_verifier()
     ids: list[int] = []
@@ -351,16 +389,16 @@ def speculate(
         return token in stop or len(ids) >= max_new_tokens
 
     t0 = time.perf_counter()
-    logits, hidden = model.verify(prompt, start, last_only=True)  # the prompt's last logits and hidden state
+    logits = model.verify(prompt, start, last=1)  # the prompt's last logits (and hidden state)
     t_first = time.perf_counter()
     pos = start + len(prompt)
     drafted = accepted = steps = 0
     over = emit(sample(logits[-1]))
-    h = hidden[-1]
+    row = len(logits) - 1  # the hidden state that chose the last token, in the target's last call
     while not over and pos < model.max_context:
         n = max(0, min(drafter.tokens, max_new_tokens - len(ids) - 1, model.max_context - pos - 1))
-        drafts = drafter.propose(model, ids[-1], h, pos, n)
-        logits, hidden = model.verify([ids[-1], *drafts], pos)
+        drafts = drafter.propose(model, ids[-1], row, pos, n)
+        logits = model.verify([ids[-1], *drafts], pos, last=n + 1)
         steps, drafted = steps + 1, drafted + n
         k, nxt = 0, None
         for d in drafts:
@@ -374,8 +412,7 @@ def speculate(
         accepted += k
         if not over:
             over = emit(sample(logits[k]) if nxt is None else nxt)
-        h, pos = hidden[k], pos + 1 + k
-        model.truncate(pos)
+        row, pos = len(logits) - 1 - n + k, pos + 1 + k
     t_end = time.perf_counter()
     return Generation(
         tuple(ids), (), len(prompt), t_first - t0, t_first - t0, t_end - t_first, drafted, accepted, target_steps=steps

@@ -12,7 +12,7 @@ import torch
 from g4 import chat
 from g4.checkpoint import CheckpointError, load_assistant, load_checkpoint
 from g4.config import CONFIGS, ConfigError
-from g4.generation import Drafter, EagerModel, GenerateError, PteModel, Sampler, generate
+from g4.generation import AnyDrafter, Drafter, EagerModel, GenerateError, PteDrafter, PteModel, Sampler, generate
 from g4.params import init_params
 
 TINY = Path(__file__).parent / "assets" / "tiny"  # the tiny model's tokenizer folder (Gemma 4-shaped)
@@ -67,8 +67,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compare", action="store_true", help="run the .pte and the eager forward side by side")
     d = ap.add_argument_group("speculative decoding (Gemma 4's assistant drafter)")
     d.add_argument("--assistant", help="assistant checkpoint folder (gemma4_assistant) to draft with, with --eager")
-    d.add_argument("--draft-tokens", type=int, help="tokens drafted per round (default: the assistant's, else 4)")
-    d.add_argument("--no-draft", action="store_true", help="decode without drafting")
+    d.add_argument(
+        "--draft-tokens", type=int, help="tokens drafted per round (default: the assistant's, or the .pte's most)"
+    )
+    d.add_argument("--no-draft", action="store_true", help="decode without drafting (a .pte with a drafter drafts)")
     return ap.parse_args(argv)
 
 
@@ -92,6 +94,17 @@ def eager_model(a: argparse.Namespace, max_context: int) -> tuple[EagerModel, Dr
     return EagerModel(cfg, params, max_context, ring=drafter.ring(cfg) if drafter else 0), drafter
 
 
+def pte_drafter(pte: PteModel | None, a: argparse.Namespace) -> PteDrafter | None:
+    """The .pte's own drafter, unless --no-draft (or --compare, which does not draft)."""
+    if pte is None or a.no_draft or a.compare:
+        return None
+    if not pte.draft_tokens:
+        if a.draft_tokens is not None:
+            raise GenerateError(f"--draft-tokens: {pte.path} has no drafter (export it with --assistant)")
+        return None
+    return PteDrafter(pte, a.draft_tokens)
+
+
 def check_args(a: argparse.Namespace) -> None:
     """Raises GenerateError naming the first bad argument, before anything is loaded."""
     bad = [
@@ -105,7 +118,7 @@ def check_args(a: argparse.Namespace) -> None:
         (a.draft_tokens is not None and a.draft_tokens < 1, f"--draft-tokens must be >= 1, got {a.draft_tokens}"),
         (
             bool(a.assistant) and not a.no_draft and (not a.eager or a.compare),
-            "--assistant drafts over the eager model (--eager); .pte drafting is not exported yet",
+            "--assistant drafts with --eager; a .pte drafts with the drafter exported into it (g4.export --assistant)",
         ),
     ]
     for is_bad, message in bad:
@@ -132,7 +145,8 @@ def run(a: argparse.Namespace) -> int:
     if a.render and (a.tokens is not None or (a.prompt is None and not a.messages)):
         raise GenerateError("--render prints the text of a --prompt or --messages conversation")
     pte = PteModel(a.pte, threads=a.threads) if a.pte and (a.compare or not a.eager) else None
-    eager, drafter = None, None
+    drafter: AnyDrafter | None = pte_drafter(pte, a)
+    eager = None
     if a.eager or a.compare:
         eager, drafter = eager_model(a, pte.max_context if pte else a.max_seq_len)
     model = pte or eager
@@ -230,7 +244,11 @@ class Printer:
 
 
 def complete(  # noqa: ANN001 (tok: tokenizers.Tokenizer or None)
-    model: EagerModel | PteModel, prompt: list[int], tok, a: argparse.Namespace, drafter: Drafter | None = None
+    model: EagerModel | PteModel,
+    prompt: list[int],
+    tok,
+    a: argparse.Namespace,
+    drafter: AnyDrafter | None = None,
 ) -> int:
     """Generates from prompt ids and prints the text (the ids without a tokenizer), then a stats line."""
     g = generate(model, prompt, a.max_new_tokens, sampler(a), on_token=Printer(tok, a.show_thinking), drafter=drafter)

@@ -81,7 +81,7 @@ def test_drafter_matches_transformers(target, ordered, tmp_path, monkeypatch):
 
     for _ in range(3):  # a round of drafts: same position and K/V, the drafter's own hidden state fed back
         want = hf(inputs_embeds=x_hf, position_ids=torch.tensor([[PROMPT]]), shared_kv_states=shared)
-        logits, nxt = draft_step(a, acfg, x, PROMPT, kv)
+        logits, nxt = draft_step(a, acfg, x, torch.tensor([PROMPT]), kv)
         for ours, theirs in ((logits, want.logits), (nxt, want.last_hidden_state)):
             assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 1e-6  # measured 4.6e-7
         tok = want.logits.argmax(-1)

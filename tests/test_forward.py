@@ -337,21 +337,36 @@ def test_bad_inputs_name_the_argument():
         g4.forward(params, cfg, torch.zeros(1, 2, dtype=torch.int64), torch.arange(8, 10), cache)
 
 
+@pytest.mark.parametrize("n", [1, 3])
 @torch.no_grad()
-def test_last_only_skips_nothing_that_matters():
-    # last_only runs the KV-shared layers for the last query only; logits must not change.
+def test_last_skips_nothing_that_matters(n):
+    # `last=n` runs the KV-shared layers for the last n queries only; their logits must not change.
     cfg = CASES["window-8"]
     params = g4.init_params(cfg, seed=8)
     tokens = prompt(cfg, n=30)
     full, _ = g4.forward(params, cfg, tokens, torch.arange(30))
-    last, _ = g4.forward(params, cfg, tokens, torch.arange(30), last_only=True)
-    assert last.shape == (1, 1, cfg.vocab_size) and rel(last, full[:, -1:]) <= 1e-5
+    last, _ = g4.forward(params, cfg, tokens, torch.arange(30), last=n)
+    assert last.shape == (1, n, cfg.vocab_size) and rel(last, full[:, -n:]) <= 1e-5
     cache_a, cache_b = g4.init_cache(cfg, max_seq_len=64), g4.init_cache(cfg, max_seq_len=64)
-    for t0, t1 in ((0, 12), (12, 13), (13, 30)):
+    for t0, t1 in ((0, 12), (12, 13), (13, 30)):  # the 1-token call returns its one row
         a, cache_a = g4.forward(params, cfg, tokens[:, t0:t1], torch.arange(t0, t1), cache_a)
-        b, cache_b = g4.forward(params, cfg, tokens[:, t0:t1], torch.arange(t0, t1), cache_b, last_only=True)
-        assert rel(b, a[:, -1:]) <= 1e-5
+        b, cache_b = g4.forward(params, cfg, tokens[:, t0:t1], torch.arange(t0, t1), cache_b, last=n)
+        assert b.shape[1] == min(n, t1 - t0) and rel(b, a[:, -n:]) <= 1e-5
         assert all(torch.equal(x, y) for x, y in zip(cache_a.k, cache_b.k, strict=True))
+
+
+@torch.no_grad()
+def test_a_call_forgets_what_the_cache_held_from_its_start_on():
+    # Rejected drafts / a rewound chat: feeding at position s replaces everything from s on. Without
+    # `forget` the ring's later entries stay visible to the call's later queries (fails, checked).
+    cfg = CASES["window-8"]
+    params = g4.init_params(cfg, seed=8)
+    a, b = prompt(cfg, n=30), prompt(cfg, n=30, seed=1)
+    cache = g4.init_cache(cfg, max_seq_len=64, max_chunk=cfg.sliding_window + 6)
+    _, cache = g4.forward(params, cfg, a, torch.arange(30), cache)  # then rewind to 24: 6 positions replaced
+    got, _ = g4.forward(params, cfg, b[:, 24:], torch.arange(24, 30), cache)
+    want, _ = g4.forward(params, cfg, torch.cat([a[:, :24], b[:, 24:]], 1), torch.arange(30))
+    assert rel(got, want[:, 24:]) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -33,8 +33,8 @@ from g4.export.quant import (
     quantize_linear,
     row_blocks,
 )
-from g4.export.shim import KV_CACHES, Shim, buffer_name
-from g4.params import Params, leaves_with_path, param_shapes, tree_map_with_path
+from g4.export.shim import KV_CACHES, DraftSpec, Shim, buffer_name
+from g4.params import Assistant, Params, leaves_with_path, param_shapes, tree_map_with_path
 
 DTYPES = ("fp32", "bf16")
 
@@ -150,9 +150,37 @@ def quantize_params(params: Params, opts: ExportOptions) -> Params:
     return q.finish(tree_map_with_path(q, attrs.evolve(params, lm_head=None)))
 
 
-def metadata(cfg: Config, opts: ExportOptions) -> dict[str, Any]:
-    """Constant methods the ExecuTorch LLM runner reads."""
-    return {
+def check_drafter(opts: ExportOptions, tokens: int) -> None:
+    """Raises ValueError if a drafter of `tokens` draft tokens cannot go into a program of `opts`."""
+    if tokens < 1:
+        raise ValueError(f"draft tokens must be >= 1, got {tokens}")
+    if opts.dtype != "fp32" or opts.kv_cache != "fp32":
+        raise ValueError("a drafter is exported with fp32 activations and an fp32 KV cache (--dtype, --kv-cache)")
+    if tokens + 1 > opts.chunk:
+        raise ValueError(f"a verify step of 1 + {tokens} draft tokens does not fit a prefill chunk of {opts.chunk}")
+
+
+def quantize_assistant(a: Assistant, ordered: bool, opts: ExportOptions) -> Assistant:
+    """The drafter's linear weights in the linear scheme where its group size divides their width; the
+    rest in the export dtype: its norms, the centroids (which choose the tokens scored), and a table
+    the ordered head gathers rows of."""
+    q = Quantizer(opts)
+
+    def one(path: str, w: torch.Tensor) -> torch.Tensor:
+        if not w.is_floating_point():
+            return w  # token_ordering
+        gather = path == "centroids" or (path == "embed_tokens" and ordered)
+        if w.dim() != 2 or gather or (opts.quantize == "8da4w" and w.shape[1] % opts.group_size):
+            return w.to(opts.torch_dtype)
+        return q.linear(path, w)
+
+    return tree_map_with_path(one, a)
+
+
+def metadata(cfg: Config, opts: ExportOptions, drafter: DraftSpec | None = None) -> dict[str, Any]:
+    """Constant methods the ExecuTorch LLM runner reads (and g4's own: `get_draft_tokens`)."""
+    extra = {"get_draft_tokens": drafter.tokens} if drafter else {}
+    return extra | {
         "get_max_seq_len": opts.chunk,
         "get_max_context_len": opts.max_seq_len,
         "get_vocab_size": cfg.vocab_size,
@@ -292,6 +320,8 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     buffers, and so the tree they came from, become unusable).
     """
     weights = dict(leaves_with_path(shim.params()))
+    if shim.drafter:
+        weights |= {f"draft.{p}": t for p, t in leaves_with_path(shim.drafter.params)}
     # Lookup tables run in portable kernels and are never packed; quantized linears are freed once packed.
     linear = [t for path, t in weights.items() if path not in EMBEDDING_TABLES and hasattr(t, "qdata")]
     with lean_lowering(linear, on=opts.lean):
@@ -308,19 +338,26 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
     example = (torch.zeros(1, n, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
     dyn = ({1: torch.export.Dim("T", min=1, max=opts.chunk)}, None)
     with torch.no_grad():
-        ep = torch.export.export(shim, example, dynamic_shapes=dyn, strict=False)
-        ep = ep.run_decompositions(DECOMPOSITIONS)
+        eps = {"forward": torch.export.export(shim, example, dynamic_shapes=dyn, strict=False)}
+        if shim.drafter:  # the same module, so the same buffer names: ExecuTorch shares them across methods
+            shim.forward = shim.draft  # type: ignore[method-assign,assignment]
+            try:
+                ones = tuple(torch.ones(s, dtype=torch.int64) for s in ((1, 1), (1,), (1,)))  # distinct: not aliased
+                eps["draft"] = torch.export.export(shim, ones, strict=False)
+            finally:
+                del shim.forward
+        eps = {name: ep.run_decompositions(DECOMPOSITIONS) for name, ep in eps.items()}
     log(f"  export: {time.perf_counter() - t0:.1f} s{memory()}")
     t0 = time.perf_counter()
     edge = to_edge_transform_and_lower(
-        ep,
+        eps,
         partitioner=_partitioners(),
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         transform_passes=[InferOneViewDim()],
-        constant_methods=metadata(shim.cfg, opts),
+        constant_methods=metadata(shim.cfg, opts, shim.drafter),
     )
-    del ep
-    freed = free_lowered(weights, [edge.exported_program()])
+    del eps
+    freed = free_lowered(weights, [edge.exported_program(name) for name in edge.methods])
     trim_heap()
     log(f"  lower: {time.perf_counter() - t0:.1f} s, {freed / 2**30:.2f} GiB of delegated weights freed{memory()}")
     t0 = time.perf_counter()
@@ -328,7 +365,9 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
         ExecutorchBackendConfig(
             extract_delegate_segments=True,
             do_quant_fusion_and_const_prop=True,  # dequantize+embedding -> quantized embedding kernels
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            # a drafter's method reads forward's cache buffers: one allocation for both
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=bool(shim.drafter)),
+            emit_mutable_buffer_names=bool(shim.drafter),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         )
     )
@@ -342,9 +381,11 @@ def export_pte(
     out: str | os.PathLike,
     opts: ExportOptions = ExportOptions(),
     log: Callable[[str], None] | None = None,
+    drafter: DraftSpec | None = None,
 ) -> Path:
     """Exports `params`, already quantized per `opts` (`quantize_params` or a `Quantizer` while loading), to `out`.
 
+    With a `drafter` (its weights quantized by `quantize_assistant`) the program gets a `draft` method.
     Each weight is freed once XNNPACK has copied it, so `params` is unusable afterwards.
     """
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -353,7 +394,10 @@ def export_pte(
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
     if opts.fuse:
         params = fuse(params, cfg)
-    shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=opts.dtype == "fp32", kv_cache=opts.kv_cache)
+    if drafter:
+        check_drafter(opts, drafter.tokens)
+    custom = opts.dtype == "fp32"
+    shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=custom, kv_cache=opts.kv_cache, drafter=drafter)
     del params
     prog = lower(shim, opts, say)
     t0 = time.perf_counter()

@@ -13,9 +13,10 @@ import attrs
 import torch
 
 from g4.chat import stop_ids
-from g4.checkpoint import CheckpointError, load_checkpoint, read_config
+from g4.checkpoint import CheckpointError, load_assistant, load_checkpoint, read_config
 from g4.config import CONFIGS, Config
-from g4.export import ExportOptions, Quantizer, export_pte, memory
+from g4.export import ExportOptions, Quantizer, check_drafter, export_pte, memory, quantize_assistant
+from g4.export.shim import DraftSpec
 from g4.params import build, init_value
 from g4.run import TINY
 
@@ -61,6 +62,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--random-weights", action="store_true", help="seeded random weights instead of a checkpoint")
     ap.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
     ap.add_argument("--force", action="store_true", help="replace differing tokenizer files next to OUT")
+    ap.add_argument("--assistant", help="assistant checkpoint folder (gemma4_assistant): adds a `draft` method")
+    ap.add_argument("--draft-tokens", type=int, help="most tokens drafted per round (default: the assistant's)")
     for f in attrs.fields(ExportOptions):
         choices = f.metadata["choices"]
         if isinstance(f.default, bool):
@@ -146,7 +149,8 @@ def run(a: argparse.Namespace) -> int:
         # have none). The runners stop at the .pte's eos ids: Gemma 4's end of turn and tool-call stops too.
         tok_folder = ckpt if ckpt is not None else TINY if is_tiny(a.size) else None
         stops = stop_ids(tok_folder, cfg.eos_token_id)
-    except ValueError as e:  # GenerateError too
+        drafter = assistant(a, cfg, opts)
+    except ValueError as e:  # GenerateError, ConfigError too
         raise UsageError(str(e)) from None
     tokenizers = [] if tok_folder is None else tokenizer_files(tok_folder, out, a.force)
     say = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -166,7 +170,7 @@ def run(a: argparse.Namespace) -> int:
         f"{time.perf_counter() - t0:.1f} s{memory()}"
     )
     try:
-        export_pte(attrs.evolve(cfg, eos_token_id=stops), q.finish(weights), out, opts, log=say)
+        export_pte(attrs.evolve(cfg, eos_token_id=stops), q.finish(weights), out, opts, log=say, drafter=drafter)
         for src, dst in tokenizers:  # the tokenizer travels with the .pte, so `python -m g4.run OUT.pte` finds it
             say(f"  {'replaced' if dst.exists() else 'wrote'} {dst} (from {src})")
             shutil.copyfile(src, dst)
@@ -179,8 +183,28 @@ def run(a: argparse.Namespace) -> int:
         + (f" (group {opts.group_size})" if opts.quantize == "8da4w" else "")
         + f", embeddings {opts.embedding_quantize or 'none'}{'-bit' if opts.embedding_quantize else ''}, "
         f"kv {opts.kv_cache} | context {opts.max_seq_len}, prefill chunk {opts.chunk}"
+        + (f" | drafter: up to {drafter.tokens} tokens a round" if drafter else "")
     )
     return 0
+
+
+def assistant(a: argparse.Namespace, cfg: Config, opts: ExportOptions) -> DraftSpec | None:
+    """The --assistant drafter, checked against the target and the options and quantized as they say."""
+    if a.assistant is None:
+        if a.draft_tokens is not None:
+            raise UsageError("--draft-tokens needs --assistant")
+        return None
+    try:
+        acfg, params = load_assistant(a.assistant)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    try:
+        acfg.check_target(cfg)
+    except ValueError as e:
+        raise UsageError(f"--assistant {a.assistant}: {e}") from None
+    tokens = acfg.draft_tokens if a.draft_tokens is None else a.draft_tokens
+    check_drafter(opts, tokens)
+    return DraftSpec(acfg, quantize_assistant(params, acfg.use_ordered_embeddings, opts), tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

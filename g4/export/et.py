@@ -63,6 +63,10 @@ def _tag(tags: Tensor, slots: Tensor, ends: Tensor) -> Tensor:
     return tags.index_copy_(0, slots, ends)
 
 
+def _forget(tags: Tensor, start: Tensor) -> Tensor:
+    return tags.mul_(tags <= start)
+
+
 def _update(buf: Tensor, slots: Tensor, new: Tensor) -> None:
     """`buf[:, slots] = new` in place for `[B, S, H, D]` with ExecuTorch's op."""
     idx = slots[None] if buf.shape[0] == 1 else slots[None].expand(buf.shape[0], -1)  # [B, T]
@@ -79,10 +83,28 @@ def inplace_hooks(rot: Tensor) -> Hooks:
     return Hooks(
         write=lambda buf, slots, new: _pytree.tree_map(lambda b, n: b.index_copy_(1, slots, n), buf, new),
         tag=_tag,
+        forget=_forget,
         rotate=functools.partial(rotate_half_by_matmul, rot=rot),
         experts=experts_gathered,
         project=project_fused,
     )
+
+
+def draft_hooks(position: int, rot: Tensor) -> Hooks:
+    """ExecuTorch's attention for a drafter query at `position` (`g4.fn.draft.draft_step`), over the
+    target's cache buffers as they are: full layers read the slots before `position` causally (slot =
+    position); sliding layers the whole ring, with the mask of its slot tags."""
+
+    def mask(m: Tensor, spec: LayerSpec) -> Tensor | None:
+        return None if spec.window is None else torch.zeros(m.shape).masked_fill(~m, float("-inf"))
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, m: Tensor | None, spec: LayerSpec) -> Tensor:
+        q_start = position - 1 if m is None else k.shape[1] - 1  # the kernel reads q_start + 1 keys
+        return torch.ops.llama.custom_sdpa(
+            q, k, v, q_start, attn_mask=m, drpout_p=0.0, is_causal=m is None, scale=ATTENTION_SCALE
+        )
+
+    return Hooks(attend=attend, mask=mask, rotate=functools.partial(rotate_half_by_matmul, rot=rot))
 
 
 def et_hooks(start: int, T: int, rot: Tensor, int8: bool = False) -> Hooks:
@@ -128,6 +150,7 @@ def et_hooks(start: int, T: int, rot: Tensor, int8: bool = False) -> Hooks:
         store=quantize_per_token if int8 else (lambda x: x),
         write=_write,
         tag=_tag,
+        forget=_forget,
         rotate=functools.partial(rotate_half_by_matmul, rot=rot),
         experts=experts_gathered,  # static shapes: the chosen experts' weights gathered
         project=project_fused,  # q/k/v as one GEMM where `g4.export.fuse` stacked them

@@ -2,22 +2,25 @@
 
 It holds the parameter tree's leaves and the cache's as buffers, rebuilds both trees in
 `forward(tokens, input_pos)` and calls `g4.forward` with ExecuTorch's hooks (`g4.export.et`), which
-update the cache buffers in place.
+update the cache buffers in place. With an assistant it also holds the drafter's tree, and `draft`
+(a second method) reads the same cache buffers and the hidden states `forward` leaves behind.
 """
 
 from __future__ import annotations
 
 from typing import Any, cast
 
+import attrs
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree
 
-from g4.config import Config
-from g4.export.et import et_hooks, inplace_hooks, load_custom_ops, rotate_half_matrix
-from g4.fn.cache import Cache, init_cache
-from g4.fn.model import forward
-from g4.params import Params, leaves_with_path, tree_map_with_path
+from g4.config import SLIDING, AssistantConfig, Config
+from g4.export.et import draft_hooks, et_hooks, inplace_hooks, load_custom_ops, rotate_half_matrix
+from g4.fn.cache import Cache, init_cache, slot_positions
+from g4.fn.draft import draft_ring, draft_step, target_kv
+from g4.fn.model import embed, head, hidden_states
+from g4.params import Assistant, Params, leaves_with_path, tree_map_with_path
 
 KV_CACHES = ("fp32", "int8")
 
@@ -27,11 +30,24 @@ def buffer_name(tree: str, path: str) -> str:
     return f"{tree}_{path.replace('.', '_')}"
 
 
+@attrs.frozen
+class DraftSpec:
+    """An assistant to export beside the target, drafting up to `tokens` tokens a round."""
+
+    cfg: AssistantConfig
+    params: Assistant
+    tokens: int
+
+
 class Shim(nn.Module):
     """`forward(tokens [1, T], input_pos [1]) -> logits [1, V]` of the last position, cache as buffers.
 
     `custom_ops=False` (bf16 exports: ExecuTorch's attention ops are fp32-only) uses the eager
     attention and `index_copy_` writes; `kv_cache="int8"` needs the custom ops.
+
+    With a `drafter` (N tokens a round), `forward` returns the logits `[1, min(T, N + 1), V]` of the last
+    positions (a verify step's; the LLM runner reads the last row) and keeps their hidden states in
+    `hidden`; `draft` is the drafter's step.
     """
 
     def __init__(
@@ -42,16 +58,23 @@ class Shim(nn.Module):
         max_chunk: int,
         custom_ops: bool = True,
         kv_cache: str = "fp32",
+        drafter: DraftSpec | None = None,
     ):
         super().__init__()
         if kv_cache not in KV_CACHES or (kv_cache == "int8" and not custom_ops):
             raise ValueError(f"kv_cache must be one of {KV_CACHES} (int8 with fp32 activations), got {kv_cache!r}")
         self.cfg, self.custom_ops, self.int8 = cfg, custom_ops, kv_cache == "int8"
         dtype = torch.float32 if custom_ops else params.norm.dtype
-        cache = init_cache(cfg, batch=1, max_seq_len=max_seq_len, dtype=dtype, max_chunk=max_chunk, int8=self.int8)
-        self.max_seq_len, self.ring_slots = max_seq_len, cache.ring_slots
+        ring = max(max_chunk, draft_ring(cfg, drafter.tokens)) if drafter else max_chunk
+        cache = init_cache(cfg, batch=1, max_seq_len=max_seq_len, dtype=dtype, max_chunk=ring, int8=self.int8)
+        self.max_seq_len, self.ring_slots, self.drafter = max_seq_len, cache.ring_slots, drafter
         self._paths: dict[str, Any] = {}  # tree name -> the tree with each leaf's path in its place
-        for tree, value in (("params", params), ("cache", cache)):
+        trees: list[tuple[str, Any]] = [("params", params), ("cache", cache)]
+        if drafter:
+            trees.append(("draft", drafter.params))
+            # the final hidden states of forward's last 1 + N positions, then the drafter's own last one
+            self.register_buffer("hidden", torch.zeros(1, drafter.tokens + 2, cfg.hidden_size, dtype=dtype))
+        for tree, value in trees:
             for path, t in leaves_with_path(value):
                 self.register_buffer(buffer_name(tree, path), t)
             self._paths[tree] = tree_map_with_path(lambda path, _: path, value)
@@ -81,5 +104,40 @@ class Shim(nn.Module):
         params = self.params()
         rot = cast(Tensor, self.rot)
         hooks = et_hooks(start, T, rot, self.int8) if self.custom_ops else inplace_hooks(rot)
-        logits, _ = forward(params, self.cfg, tokens, positions, self.cache(), hooks=hooks, last_only=True)
-        return logits[:, -1]
+        last = 1
+        if self.drafter:  # min(T, N + 1) as an unbacked size: a Min of the symbolic T would need guards
+            last = cast(int, (positions[-1] - start + 1).clamp(max=self.drafter.tokens + 1).item())
+            torch._check_is_size(last)
+            torch._check(last >= 1)
+            torch._check(last <= T)
+            torch._check(last <= self.drafter.tokens + 1)
+        h, _ = hidden_states(params, self.cfg, tokens, positions, self.cache(), hooks=hooks, last=last)
+        logits = head(params, self.cfg, h)
+        if not self.drafter:
+            return logits[:, -1]
+        rows = torch.arange(h.shape[1])  # [min(T, N + 1)]
+        cast(Tensor, self.hidden).index_copy_(1, rows, h)
+        return logits
+
+    def draft(self, tokens: Tensor, input_pos: Tensor, row: Tensor) -> Tensor:
+        """The drafter's next token `[1]` after `tokens` `[1, 1]` at `input_pos` `[1]`, from `hidden[:, row]`
+        (`row` `[1]`: 0..N, a hidden state of the last forward call; N + 1, the drafter's own last)."""
+        assert self.drafter is not None
+        position = cast(int, input_pos[0].item())
+        torch._check_is_size(position)
+        torch._check(position >= 1)
+        torch._check(position < self.max_seq_len)
+        params, rot, hidden = self.params(), cast(Tensor, self.rot), cast(Tensor, self.hidden)
+        e = embed(params.embed_tokens, tokens, self.cfg.hidden_size**0.5)
+        x = torch.cat([e, hidden.index_select(1, row)], -1)  # [1, 1, 2H]
+        # Key positions from slot arithmetic, not from the tag buffers: a buffer this method only reads
+        # would be folded into a constant at export. A ring of `draft_ring` slots still holds the
+        # drafter's keys after a rollback, and the slots a rejected draft took are outside its window.
+        kv = {
+            t: (k, v, slot_positions(k.shape[1], position - 1, t == SLIDING))
+            for t, (k, v, _) in target_kv(self.cfg, self.cache()).items()
+        }
+        d = self.drafter
+        logits, h = draft_step(self._tree("draft"), d.cfg, x, input_pos, kv, draft_hooks(position, rot))
+        hidden.narrow(1, d.tokens + 1, 1).copy_(h)
+        return logits[:, -1].argmax(-1)

@@ -124,7 +124,13 @@ def tag(tags: Tensor, slots: Tensor, ends: Tensor) -> Tensor:
     return tags.index_copy(0, slots, ends)
 
 
+def forget(tags: Tensor, start: Tensor) -> Tensor:
+    """`tags` without positions `>= start`; out of place."""
+    return tags * (tags <= start)
+
+
 Tag = Callable[[Tensor, Tensor, Tensor], Tensor]
+Forget = Callable[[Tensor, Tensor], Tensor]
 Write = Callable[[KV, Tensor, KV], KV]
 Join = Callable[[KV, KV], KV]
 
@@ -141,16 +147,21 @@ class Step:
     key_positions: dict[str, Tensor]  # layer type -> position of each key attended over, -1 if empty
 
 
-def plan(cache: Cache, positions: Tensor, tag: Tag = tag) -> Step:
-    """The slots of `positions` in `cache`, and the tags once they are written."""
+def plan(cache: Cache, positions: Tensor, tag: Tag = tag, forget: Forget = forget) -> Step:
+    """The slots of `positions` in `cache`, and the tags once they are written.
+
+    A call at `start` forgets whatever the cache held from `start` on (`forget`): rejected draft tokens,
+    a rewound conversation. Their K/V rows stay until overwritten; the tags decide what attention sees.
+    """
     R, T = cache.ring_slots, positions.shape[0]
     # Under torch.export T <= R is known from the chunk bound: no slicing (and no shape guard) in the graph.
     keep = slice(T - R, None) if T > R else None
     kept = positions if keep is None else positions[keep]
     ring_slots = kept % R
-    full_end = tag(cache.full_end, positions, positions + 1)
-    key_positions = {SLIDING: torch.cat([positions, cache.ring_end - 1]), FULL: full_end - 1}  # new ++ ring
-    return Step(positions, keep, ring_slots, tag(cache.ring_end, ring_slots, kept + 1), full_end, key_positions)
+    ring_end = forget(cache.ring_end, positions[:1])
+    full_end = tag(forget(cache.full_end, positions[:1]), positions, positions + 1)
+    key_positions = {SLIDING: torch.cat([positions, ring_end - 1]), FULL: full_end - 1}  # new ++ ring
+    return Step(positions, keep, ring_slots, tag(ring_end, ring_slots, kept + 1), full_end, key_positions)
 
 
 def put(
@@ -177,17 +188,12 @@ def commit(cache: Cache, step: Step) -> Cache:
     return attrs.evolve(cache, ring_end=step.ring_end, full_end=step.full_end)
 
 
-def truncate(cache: Cache, length: int) -> Cache:
-    """`cache` holding only positions `< length`: later slots count as empty (rejected draft tokens).
-
-    The K/V rows stay; the tags decide what attention sees. A ring keeps what the next call needs if it
-    has at least `sliding_window + T - 1` slots for calls of up to T tokens (`init_cache`'s `max_chunk`).
-    """
-    return attrs.evolve(
-        cache,
-        ring_end=cache.ring_end * (cache.ring_end <= length),
-        full_end=cache.full_end * (cache.full_end <= length),
-    )
+def slot_positions(slots: int, last: int, ring: bool) -> Tensor:
+    """Position `[slots]` each slot holds once positions `0..last` were written in order (a ring: slot =
+    position % slots), -1 if none: the tags' values, from arithmetic (later, rejected positions aside)."""
+    s = torch.arange(slots)
+    p = last - (last + slots - s) % slots if ring else s.masked_fill(s > last, -1)  # % of non-negatives only
+    return p.clamp(min=-1)
 
 
 def key_positions(cache: Cache, layer_type: str) -> Tensor:

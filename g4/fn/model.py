@@ -82,6 +82,7 @@ class Hooks:
     write: kv.Write = kv.write  # K/V rows into a cache buffer at slots
     join: kv.Join = kv.join  # new rows ++ ring rows
     tag: kv.Tag = kv.tag  # 1 + position into slot tags
+    forget: kv.Forget = kv.forget  # slot tags without the positions from a call's start on
     rotate: Rotate = rotate_half  # RoPE's rotate-half
     experts: Run = experts_loop  # the chosen experts on their tokens (export: `experts_gathered`)
     project: Project = project  # q, and k, v (export: one fused GEMM, `g4.export.fuse`)
@@ -144,11 +145,19 @@ class View:
     allowed: Tensor  # bool [T, S]: query t may see key s
     mask: Any  # `allowed` as the attend hook takes it
 
-    def last(self, hooks: Hooks) -> View:
-        """The view of the last query only."""
+    def last(self, hooks: Hooks, n: int) -> View:
+        """The view of the last `n` queries only."""
         cos, sin, rotate = self.rope
-        allowed = self.allowed[-1:]
-        return View(self.spec, (cos[-1:], sin[-1:], rotate), allowed, hooks.mask(allowed, self.spec))
+        allowed = tail(self.allowed, n, 0)
+        return View(self.spec, (tail(cos, n, 0), tail(sin, n, 0), rotate), allowed, hooks.mask(allowed, self.spec))
+
+
+def tail(x: Tensor, n: int, dim: int = 1) -> Tensor:
+    """The last `n` entries of `x` along `dim`: all of them if fewer (a symbolic `n`: its caller bounds it)."""
+    size = x.shape[dim]
+    if isinstance(size, int) and isinstance(n, int):
+        n = min(size, n)
+    return x.narrow(dim, size - n, n)
 
 
 def views(cfg: Config, positions: Tensor, step: Step | None, dtype: torch.dtype, hooks: Hooks) -> dict[str, View]:
@@ -177,15 +186,16 @@ def forward(
     cache: Cache | None = None,
     *,
     hooks: Hooks = EAGER,
-    last_only: bool = False,
+    last: int | None = None,
 ) -> tuple[Tensor, Cache | None]:
-    """Logits `[B, T, V]` (`[B, 1, V]` with last_only) and the updated cache.
+    """Logits `[B, T, V]` (`[B, min(T, last), V]` with `last`: a prefill's last, a verify step's 1 + N) and the
+    updated cache.
 
     tokens `[B, T]` int64, positions `[T]` int64 absolute positions shared by the batch. Without a
     cache this is a plain causal forward; with one, prefill of any length and one-token decode are
     the same call.
     """
-    h, cache = hidden_states(params, cfg, tokens, positions, cache, hooks=hooks, last_only=last_only)
+    h, cache = hidden_states(params, cfg, tokens, positions, cache, hooks=hooks, last=last)
     return head(params, cfg, h), cache
 
 
@@ -197,19 +207,20 @@ def hidden_states(
     cache: Cache | None = None,
     *,
     hooks: Hooks = EAGER,
-    last_only: bool = False,
+    last: int | None = None,
 ) -> tuple[Tensor, Cache | None]:
     """`forward` up to the LM head: the final-normed hidden states `[B, T, H]` (HF's last hidden state)."""
     check_inputs(cfg, tokens, positions, cache)
     eps = cfg.rms_norm_eps
     h = embed(params.embed_tokens, tokens, cfg.hidden_size**0.5)  # [B, T, H]
     ple = per_layer_inputs(params, cfg, tokens, h)  # [B, T, L, P] or None
-    step = None if cache is None else kv.plan(cache, positions, hooks.tag)
+    step = None if cache is None else kv.plan(cache, positions, hooks.tag, hooks.forget)
     view = views(cfg, positions, step, params.embed_tokens.dtype, hooks)
     made: dict[int, tuple[KV, KV]] = {}  # this call's K/V by owning layer; KV-shared layers read their donor's
     for i, (p, spec) in enumerate(zip(params.layers, cfg.layers, strict=True)):
-        if last_only and i == cfg.first_shared:  # KV-shared layers write no cache: only the last query matters
-            h, ple, view = h[:, -1:], None if ple is None else ple[:, -1:], {t: v.last(hooks) for t, v in view.items()}
+        if last and i == cfg.first_shared:  # KV-shared layers write no cache: only the last queries matter
+            h, ple = tail(h, last), None if ple is None else tail(ple, last)
+            view = {t: v.last(hooks, last) for t, v in view.items()}
         x = rms_norm(h, p.input_layernorm, eps)
         q, new = hooks.project(p.self_attn, spec, x, view[spec.type].rope, eps, spec.kv_source == i)
         if new is not None:
@@ -220,7 +231,7 @@ def hidden_states(
                 made[i], cache = kv.put(cache, step, i, spec.is_sliding, k, v, hooks.write, hooks.join)
         a = hooks.attend(q, *made[spec.kv_source], view[spec.type].mask, spec)
         h = finish_layer(p, cfg, h, a, None if ple is None else ple[:, :, i], hooks.experts)
-    if last_only and not cfg.num_kv_shared_layers:
-        h = h[:, -1:]
+    if last and not cfg.num_kv_shared_layers:
+        h = tail(h, last)
     h = rms_norm(h, params.norm, eps)
     return h, None if cache is None or step is None else kv.commit(cache, step)
