@@ -67,3 +67,13 @@ def pte_kv8(tmp_path_factory):
         export_main(["tiny", str(out), "--max-seq-len", str(CTX), "--max-chunk", str(CHUNK), "--kv-cache", "int8"]) == 0
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def pte_draft(tmp_path_factory):
+    """tiny (seed 0) fp32 with the tiny assistant (seed 4) as its `draft` method, up to 4 tokens a round."""
+    asst = g4.write_random_assistant(g4.config.ASSISTANTS["tiny"], tmp_path_factory.mktemp("asst"), seed=4)
+    out = tmp_path_factory.mktemp("draft") / "tiny-draft.pte"
+    flags = ["--max-seq-len", str(CTX), "--max-chunk", str(CHUNK), "--assistant", str(asst), "--draft-tokens", "4"]
+    assert export_main(["tiny", str(out), *flags]) == 0
+    return out, asst

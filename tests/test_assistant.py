@@ -12,7 +12,7 @@ import g4
 from g4.checkpoint import CheckpointError, load_assistant
 from g4.fn.draft import draft_step, target_kv
 from g4.fn.model import embed, hidden_states
-from g4.generation import Drafter, EagerModel, GenerateError, Sampler, generate
+from g4.generation import Drafter, EagerModel, GenerateError, PteDrafter, PteModel, Sampler, generate
 from g4.hf import assistant_config_to_hf, assistant_name
 from g4.params import init_assistant, leaves_with_path
 
@@ -137,7 +137,7 @@ class Oracle:
     """Proposes the target's own greedy continuation (`future`), with every `wrong`-th draft replaced."""
 
     def __init__(self, drafter, prompt_len, future, wrong=0):
-        self.tokens, self.ring, self.prompt_len = drafter.tokens, drafter.ring, prompt_len
+        self.tokens, self.prompt_len = drafter.tokens, prompt_len
         self.future, self.wrong, self.calls = future, wrong, 0
 
     def propose(self, target, token, hidden, position, n):
@@ -237,3 +237,71 @@ def test_a_chat_drafts_over_its_cache_and_says_the_same(models):
         replies[name] = [g.ids for g in gs], fed_new_only, all(g.drafted > 0 for g in gs) == (d is not None)
     assert replies["draft"] == replies["plain"]
     assert replies["draft"][1:] == (True, True)  # the second turn fed only the new tokens; both turns drafted
+
+
+# --- the drafter inside the .pte ----------------------------------------------------------------------
+
+
+class Recorder:
+    """A drafter that records each round's position and proposals."""
+
+    def __init__(self, drafter):
+        self.drafter, self.tokens, self.rounds = drafter, drafter.tokens, []
+
+    def propose(self, target, token, row, position, n):
+        out = self.drafter.propose(target, token, row, position, n)
+        self.rounds.append((position, out))
+        return out
+
+
+@pytest.fixture(scope="module")
+def pte_models(pte_draft):
+    """The .pte with a drafter, and the same target (`tiny`, seed 0) and assistant as eager models."""
+    out, asst = pte_draft
+    acfg, a = load_assistant(asst)
+    drafter = Drafter(acfg, a, tokens=N)
+    eager = EagerModel(TARGET, g4.init_params(TARGET, seed=0), max_context=96, ring=drafter.ring(TARGET))
+    return PteModel(out), eager, drafter
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=["short", "long"])
+def test_pte_drafts_what_the_eager_drafter_drafts(pte_models, prompt):
+    """The `draft` method (ExecuTorch's attention over `forward`'s cache buffers, shared across methods)
+    proposes the eager drafter's tokens round after round, rollbacks and ring wraps included; the
+    greedy output is the target's own, on both."""
+    pte, eager, drafter = pte_models
+    want = plain(eager, prompt, 40)
+    assert plain(pte, prompt, 40) == want
+    rounds = {}
+    for name, model, d in (("pte", pte, PteDrafter(pte)), ("eager", eager, drafter)):
+        r = Recorder(d)
+        assert generate(model, prompt, 40, stop=(), drafter=r).ids == want
+        rounds[name] = r.rounds
+    assert rounds["pte"] == rounds["eager"] and len(rounds["pte"]) >= 10
+
+
+@pytest.mark.parametrize("wrong", [0, 3])
+def test_pte_accepts_an_oracles_drafts(pte_models, wrong):
+    """Verify steps of 1 + 4 tokens in the .pte: every draft accepted, or every third one wrong."""
+    pte = pte_models[0]
+    prompt = PROMPTS[1]
+    want = plain(pte, prompt, 41)
+    g = generate(pte, prompt, 41, stop=(), drafter=Oracle(PteDrafter(pte), len(prompt), want, wrong))
+    assert g.ids == want
+    if wrong == 0:
+        assert g.accepted == g.drafted == 32 and g.target_steps == 8
+    else:
+        assert 0 < g.accepted < g.drafted
+
+
+def test_run_drafts_with_a_pte_drafter(pte_draft, capsys):
+    from g4.run import main
+
+    args = [str(pte_draft[0]), "--tokens", "2,17,42", "--max-new-tokens", "24"]
+    outs = []
+    for extra in ([], ["--draft-tokens", "2"], ["--no-draft"]):  # drafts by itself, unless told not to
+        assert main([*args, *extra]) == 0
+        out, err = capsys.readouterr()
+        assert len(out.split()) == 24 and ("| accepted 0/" in err) == (extra != ["--no-draft"]), err
+        outs.append(out)
+    assert outs[0] == outs[1] == outs[2]

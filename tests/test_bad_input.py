@@ -44,11 +44,17 @@ EXPORT = [
     (["e2b", "{out}", "--checkpoint", "{ck}"], "is not e2b: vocab_size 512 (not 262144)"),
     (["{out}"], "give a SIZE, or --checkpoint DIR"),
     (["{out}", "--checkpoint", "{badgen}"], "generation_config.json: not JSON"),
+    (["tiny", "{out}", "--draft-tokens", "2"], "--draft-tokens needs --assistant"),
+    (["tiny", "{out}", "--assistant", "{asst}", "--draft-tokens", "0"], "draft tokens must be >= 1, got 0"),
+    (["tiny", "{out}", "--assistant", "{asst}", "--dtype", "bf16"], "a drafter is exported with fp32 activations"),
+    (["tiny", "{out}", "--assistant", "{asst}", "--max-chunk", "4"], "1 + 4 draft tokens does not fit a prefill chunk"),
+    (["tiny", "{out}", "--assistant", "{dir}"], "config.json: not found"),
+    (["tiny-26b", "{out}", "--assistant", "{asst}"], "has head_dim 64 and 2 KV heads; the target's K/V there"),
 ]
 
 
 @pytest.mark.parametrize("args,message", EXPORT, ids=[" ".join(a) for a, _ in EXPORT])
-def test_export_bad_input(tmp_path, tiny_ck, capsys, args, message):
+def test_export_bad_input(tmp_path, tiny_ck, tiny_assistant, capsys, args, message):
     (tmp_path / "dir").mkdir()
     (tmp_path / "tokenizer.json").write_text("{}")  # someone else's tokenizer next to OUT
     badgen = tmp_path / "badgen"  # the tiny checkpoint with a broken generation_config.json
@@ -57,7 +63,8 @@ def test_export_bad_input(tmp_path, tiny_ck, capsys, args, message):
         (badgen / f.name).symlink_to(f)
     (badgen / "generation_config.json").write_text("{")
     before = files(tmp_path)
-    argv = [a.format(out=tmp_path / "x.pte", dir=tmp_path / "dir", ck=tiny_ck, badgen=badgen) for a in args]
+    fill = dict(out=tmp_path / "x.pte", dir=tmp_path / "dir", ck=tiny_ck, badgen=badgen, asst=tiny_assistant)
+    argv = [a.format(**fill) for a in args]
     assert export_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
@@ -102,7 +109,9 @@ RUN = [
         "tokenizer_config.json: not",
     ),
     (["--eager", "--size", "tiny", "--draft-tokens", "0", "--tokens", "2"], "--draft-tokens must be >= 1, got 0"),
-    (["{pte}", "--assistant", "{asst}", "--tokens", "2"], "--assistant drafts over the eager model (--eager)"),
+    (["{pte}", "--assistant", "{asst}", "--tokens", "2"], "a .pte drafts with the drafter exported into it"),
+    (["{pte}", "--draft-tokens", "2", "--tokens", "2"], "has no drafter (export it with --assistant)"),
+    (["{dpte}", "--draft-tokens", "5", "--tokens", "2"], "draft tokens must be in [1, 4] for"),
     (["--eager", "--size", "tiny", "--assistant", "{missing}", "--tokens", "2"], "none.pte: not a directory"),
     (["--eager", "--size", "tiny", "--assistant", "{small}", "--tokens", "2"], "is not a Gemma 4 assistant"),
     (
@@ -129,7 +138,7 @@ def tiny_assistant(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args,message", RUN, ids=[" ".join(a) for a, _ in RUN])
-def test_run_bad_input(tmp_path, pte_fp32, small_vocab_ck, tiny_assistant, capsys, args, message):
+def test_run_bad_input(tmp_path, pte_fp32, pte_draft, small_vocab_ck, tiny_assistant, capsys, args, message):
     build_tokenizer().save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no system role') }}")
     (tmp_path / "notjson.json").write_text("[{")
@@ -140,6 +149,7 @@ def test_run_bad_input(tmp_path, pte_fp32, small_vocab_ck, tiny_assistant, capsy
     fill = dict(
         tpl=tmp_path / "tokenizer.json",
         pte=pte_fp32,
+        dpte=pte_draft[0],
         small=small_vocab_ck,
         missing=tmp_path / "none.pte",
         notjson=tmp_path / "notjson.json",

@@ -147,9 +147,10 @@ def pieces_of(ids):
     return [TOK.decode([i], skip_special_tokens=False) for i in ids]
 
 
-@pytest.mark.parametrize("kind", ["fp32", "8da4w", "kv8"])
+@pytest.mark.parametrize("kind", ["fp32", "8da4w", "kv8", "draft"])
 def test_stock_runner_and_g4_run_generate_the_same_tokens(kind, request):
-    pte = {"fp32": "pte_fp32", "8da4w": "pte_8da4w", "kv8": "pte_kv8"}[kind]
+    """`draft`: a program with a drafter (forward returns 1 + N rows of logits) keeps the runner's contract."""
+    pte = {"fp32": "pte_fp32", "8da4w": "pte_8da4w", "kv8": "pte_kv8", "draft": "pte_draft"}[kind]
     pte = request.getfixturevalue(pte)
     pte = pte[0] if isinstance(pte, tuple) else pte
     folder, r, model = pte.parent, runner(pte), PteModel(pte)
@@ -168,7 +169,7 @@ def test_stock_runner_and_g4_run_generate_the_same_tokens(kind, request):
         r.reset()
         pieces, stats = run_stock(r, text, 12, num_bos=num_bos)
         assert pieces == pieces_of(g.ids) and stats.num_prompt_tokens == len(ids)
-    if kind == "fp32":  # and both are the pure forward's greedy tokens
+    if kind in ("fp32", "draft"):  # and both are the pure forward's greedy tokens
         assert generate(EagerModel(CFG, g4.init_params(CFG, seed=0), 96), ids, 12).ids == g.ids
 
 

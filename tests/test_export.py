@@ -323,11 +323,10 @@ def test_a_changed_patch_target_falls_back_with_a_warning(monkeypatch):
     assert [p for p in lean.problems() if p.startswith("freed_once_packed:")]
 
 
-def test_export_is_reproducible_and_lean_lowering_changes_no_byte(pte_fp32, tmp_path):
+def test_lean_lowering_changes_no_byte(pte_fp32, tmp_path):
+    """A second export of the same weights, without g4's lowering fixes: the same bytes (so also reproducible)."""
     opts = ["--max-seq-len", str(CTX), "--max-chunk", str(CHUNK)]
-    assert main(["tiny", str(tmp_path / "again.pte"), *opts]) == 0
     assert main(["tiny", str(tmp_path / "plain.pte"), *opts, "--no-lean"]) == 0
-    assert (tmp_path / "again.pte").read_bytes() == pte_fp32.read_bytes()
     assert (tmp_path / "plain.pte").read_bytes() == pte_fp32.read_bytes()
 
 
