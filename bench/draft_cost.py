@@ -53,7 +53,8 @@ class Oracle:
     """Pays for the .pte's `draft` calls, then proposes the target's own greedy continuation."""
 
     def __init__(self, model: PteModel, prompt_len: int, future: tuple[int, ...]):
-        self.inner, self.tokens, self.prompt_len, self.future = PteDrafter(model), model.draft_tokens, prompt_len, future
+        self.inner, self.tokens = PteDrafter(model), model.draft_tokens
+        self.prompt_len, self.future = prompt_len, future
 
     def propose(self, target: PteModel, token: int, row: int, position: int, n: int) -> list[int]:
         self.inner.propose(target, token, row, position, n)

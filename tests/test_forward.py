@@ -355,6 +355,18 @@ def test_last_skips_nothing_that_matters(n):
         assert all(torch.equal(x, y) for x, y in zip(cache_a.k, cache_b.k, strict=True))
 
 
+@pytest.mark.parametrize("fed", [5, 30])
+def test_slot_positions_are_what_the_tags_say(fed):
+    # The .pte's drafter computes the positions its slots hold instead of reading the tag buffers.
+    from g4.fn.cache import key_positions, slot_positions
+
+    cfg = CASES["window-8"]
+    cache = g4.init_cache(cfg, max_seq_len=64, max_chunk=cfg.sliding_window + 6)  # a ring of 14: wraps at 30
+    _, cache = g4.forward(g4.init_params(cfg, seed=8), cfg, prompt(cfg, n=fed), torch.arange(fed), cache)
+    assert torch.equal(slot_positions(cache.ring_slots, fed - 1, True), key_positions(cache, SLIDING))
+    assert torch.equal(slot_positions(64, fed - 1, False), key_positions(cache, FULL))
+
+
 @torch.no_grad()
 def test_a_call_forgets_what_the_cache_held_from_its_start_on():
     # Rejected drafts / a rewound chat: feeding at position s replaces everything from s on. Without

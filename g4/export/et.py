@@ -93,7 +93,7 @@ def inplace_hooks(rot: Tensor) -> Hooks:
 def draft_hooks(position: int, rot: Tensor) -> Hooks:
     """ExecuTorch's attention for a drafter query at `position` (`g4.fn.draft.draft_step`), over the
     target's cache buffers as they are: full layers read the slots before `position` causally (slot =
-    position); sliding layers the whole ring, with the mask of its slot tags."""
+    position); sliding layers the whole ring, masked by the positions its slots hold."""
 
     def mask(m: Tensor, spec: LayerSpec) -> Tensor | None:
         return None if spec.window is None else torch.zeros(m.shape).masked_fill(~m, float("-inf"))

@@ -192,7 +192,7 @@ def slot_positions(slots: int, last: int, ring: bool) -> Tensor:
     """Position `[slots]` each slot holds once positions `0..last` were written in order (a ring: slot =
     position % slots), -1 if none: the tags' values, from arithmetic (later, rejected positions aside)."""
     s = torch.arange(slots)
-    p = last - (last + slots - s) % slots if ring else s.masked_fill(s > last, -1)  # % of non-negatives only
+    p = last - (last + slots - s) % slots if ring else s.masked_fill(s > last, -1)  # % of non-negatives: any % agrees
     return p.clamp(min=-1)
 
 
