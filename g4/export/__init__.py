@@ -338,7 +338,18 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
     example = (torch.zeros(1, n, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
     dyn = ({1: torch.export.Dim("T", min=1, max=opts.chunk)}, None)
     with torch.no_grad():
-        eps = {"forward": torch.export.export(shim, example, dynamic_shapes=dyn, strict=False)}
+        eps = {
+            "forward": torch.export.export(
+                shim,
+                example,
+                dynamic_shapes=dyn,
+                strict=False,
+                # A drafter's forward returns min(T, N + 1) rows: torch.export cannot prove that a reshape
+                # of them (in torchao's quantized linear) takes one path for every T, T = 1 included, and
+                # refuses. It may, as an assert; ExecuTorch does not run those (tested: T = 1 .. chunk).
+                prefer_deferred_runtime_asserts_over_guards=shim.drafter is not None,
+            )
+        }
         if shim.drafter:  # the same module, so the same buffer names: ExecuTorch shares them across methods
             shim.forward = shim.draft  # type: ignore[method-assign,assignment]
             try:

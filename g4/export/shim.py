@@ -104,13 +104,7 @@ class Shim(nn.Module):
         params = self.params()
         rot = cast(Tensor, self.rot)
         hooks = et_hooks(start, T, rot, self.int8) if self.custom_ops else inplace_hooks(rot)
-        last = 1
-        if self.drafter:  # min(T, N + 1) as an unbacked size: a Min of the symbolic T would need guards
-            last = cast(int, (positions[-1] - start + 1).clamp(max=self.drafter.tokens + 1).item())
-            torch._check_is_size(last)
-            torch._check(last >= 1)
-            torch._check(last <= T)
-            torch._check(last <= self.drafter.tokens + 1)
+        last = self.drafter.tokens + 1 if self.drafter else 1
         h, _ = hidden_states(params, self.cfg, tokens, positions, self.cache(), hooks=hooks, last=last)
         logits = head(params, self.cfg, h)
         if not self.drafter:

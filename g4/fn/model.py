@@ -153,11 +153,12 @@ class View:
 
 
 def tail(x: Tensor, n: int, dim: int = 1) -> Tensor:
-    """The last `n` entries of `x` along `dim`: all of them if fewer (a symbolic `n`: its caller bounds it)."""
+    """The last `n` entries of `x` along `dim`, all of them if fewer."""
     size = x.shape[dim]
-    if isinstance(size, int) and isinstance(n, int):
-        n = min(size, n)
-    return x.narrow(dim, size - n, n)
+    if isinstance(size, int) or n == 1:
+        return x.narrow(dim, size - min(size, n), min(size, n))
+    k = torch.sym_min(size, n)  # torch.export, a symbolic size: a gather (a narrow's bounds would need guards)
+    return x.index_select(dim, torch.arange(k) + (size - k))
 
 
 def views(cfg: Config, positions: Tensor, step: Step | None, dtype: torch.dtype, hooks: Hooks) -> dict[str, View]:
