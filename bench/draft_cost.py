@@ -11,7 +11,9 @@ decoding (N drafts each accepted with probability a: (1 - a^(N+1)) / (1 - a) tok
 one verify step and N draft steps). Then it runs `g4.generate` end to end, plain and drafting,
 twice each, alternating, from one prompt: with the random drafter (it is almost never accepted:
 the cost of drafting for nothing) and with an oracle that pays for the `draft` calls but proposes the
-target's own greedy tokens (every draft accepted: the ceiling).
+plain run's greedy tokens (accepted unless the verify step's rounding disagrees: the ceiling). It
+reports how many tokens each run shares with plain greedy decoding before the first difference
+(quantized kernels round a verify step's rows differently from one-token steps: near-ties flip).
 
 Google's assistant configs are not available offline: `write-assistant` uses transformers'
 Gemma4AssistantConfig defaults (2048 centroids, top 32) and assumed layer sizes (4 layers, hidden
@@ -99,19 +101,21 @@ def end_to_end(m: PteModel, new: int) -> dict[str, float]:
     want = generate(m, prompt, new, stop=()).ids
     runs: dict[str, list[float]] = {"plain": [], "random": [], "oracle": []}
     accepted: dict[str, str] = {}
+    same: dict[str, int] = {}  # tokens equal to plain greedy decoding before the first that differs
     for _ in range(2):
         for name in runs:
             d = {"plain": None, "random": PteDrafter(m), "oracle": Oracle(m, len(prompt), want)}[name]
             g = generate(m, prompt, new, stop=(), drafter=d)
-            assert g.ids == want, f"{name}: drafting changed the greedy output"
             runs[name].append((len(g.ids) - 1) / g.decode_s)
             accepted[name] = f"{g.accepted}/{g.drafted}"
+            same[name] = next((i for i, (x, y) in enumerate(zip(g.ids, want, strict=True)) if x != y), len(want))
     best = {k: max(v) for k, v in runs.items()}
     return {f"{k}_tok_s": round(v, 2) for k, v in best.items()} | {
         "random_x": round(best["random"] / best["plain"], 3),
         "oracle_x": round(best["oracle"] / best["plain"], 3),
         "accepted_random": accepted["random"],
         "accepted_oracle": accepted["oracle"],
+        "tokens_equal_to_plain_greedy_before_a_difference": same,
     }
 
 
