@@ -9,7 +9,7 @@ from g4.checkpoint import (
 )
 from g4.config import ASSISTANTS, CONFIGS, AssistantConfig, Config, ConfigError, LayerSpec
 from g4.fn import EAGER, Q8, Cache, Hooks, forward, init_cache
-from g4.generation import Drafter, EagerModel, PteModel, Sampler, generate
+from g4.generation import Drafter, EagerModel, PteDrafter, PteModel, Sampler, generate
 from g4.params import Params, init_params, tree_map
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Hooks",
     "LayerSpec",
     "Params",
+    "PteDrafter",
     "PteModel",
     "Q8",
     "Sampler",
