@@ -155,10 +155,12 @@ class View:
 def tail(x: Tensor, n: int, dim: int = 1) -> Tensor:
     """The last `n` entries of `x` along `dim`, all of them if fewer."""
     size = x.shape[dim]
-    if isinstance(size, int) or n == 1:
-        return x.narrow(dim, size - min(size, n), min(size, n))
-    k = torch.sym_min(size, n)  # torch.export, a symbolic size: a gather (a narrow's bounds would need guards)
-    return x.index_select(dim, torch.arange(k) + (size - k))
+    if isinstance(size, int):
+        n = min(size, n)
+    elif n > 1:  # torch.export, a symbolic size: a gather (a narrow's bounds would need guards)
+        k = torch.sym_min(size, n)
+        return x.index_select(dim, torch.arange(k) + (size - k))
+    return x.narrow(dim, size - n, n)
 
 
 def views(cfg: Config, positions: Tensor, step: Step | None, dtype: torch.dtype, hooks: Hooks) -> dict[str, View]:
