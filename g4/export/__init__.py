@@ -20,7 +20,7 @@ from executorch.exir.dialects._ops import ops as exir_ops
 from executorch.exir.pass_base import ExportPass, PassResult
 
 from g4.checkpoint import atomic_write, trim_heap
-from g4.config import Config
+from g4.config import AssistantConfig, Config
 from g4.export.fuse import fuse
 from g4.export.lean import free_lowered, lean_lowering
 from g4.export.quant import (
@@ -160,7 +160,7 @@ def check_drafter(opts: ExportOptions, tokens: int) -> None:
         raise ValueError(f"a verify step of 1 + {tokens} draft tokens does not fit a prefill chunk of {opts.chunk}")
 
 
-def quantize_assistant(a: Assistant, ordered: bool, opts: ExportOptions) -> Assistant:
+def quantize_assistant(acfg: AssistantConfig, a: Assistant, opts: ExportOptions) -> Assistant:
     """The drafter's linear weights in the linear scheme where its group size divides their width; the
     rest in the export dtype: its norms, the centroids (which choose the tokens scored), and a table
     the ordered head gathers rows of."""
@@ -169,7 +169,7 @@ def quantize_assistant(a: Assistant, ordered: bool, opts: ExportOptions) -> Assi
     def one(path: str, w: torch.Tensor) -> torch.Tensor:
         if not w.is_floating_point():
             return w  # token_ordering
-        gather = path == "centroids" or (path == "embed_tokens" and ordered)
+        gather = path == "centroids" or (path == "embed_tokens" and acfg.use_ordered_embeddings)
         if w.dim() != 2 or gather or (opts.quantize == "8da4w" and w.shape[1] % opts.group_size):
             return w.to(opts.torch_dtype)
         return q.linear(path, w)

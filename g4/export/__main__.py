@@ -204,7 +204,7 @@ def assistant(a: argparse.Namespace, cfg: Config, opts: ExportOptions) -> DraftS
         raise UsageError(f"--assistant {a.assistant}: {e}") from None
     tokens = acfg.draft_tokens if a.draft_tokens is None else a.draft_tokens
     check_drafter(opts, tokens)
-    return DraftSpec(acfg, quantize_assistant(params, acfg.use_ordered_embeddings, opts), tokens)
+    return DraftSpec(acfg, quantize_assistant(acfg, params, opts), tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
