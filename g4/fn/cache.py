@@ -158,8 +158,9 @@ def plan(cache: Cache, positions: Tensor, tag: Tag = tag, forget: Forget = forge
     keep = slice(T - R, None) if T > R else None
     kept = positions if keep is None else positions[keep]
     ring_slots = kept % R
-    ring_end = forget(cache.ring_end, positions[:1])
-    full_end = tag(forget(cache.full_end, positions[:1]), positions, positions + 1)
+    start = positions[:1]
+    ring_end = forget(cache.ring_end, start)
+    full_end = tag(forget(cache.full_end, start), positions, positions + 1)
     key_positions = {SLIDING: torch.cat([positions, ring_end - 1]), FULL: full_end - 1}  # new ++ ring
     return Step(positions, keep, ring_slots, tag(ring_end, ring_slots, kept + 1), full_end, key_positions)
 
