@@ -3,6 +3,7 @@ step against one decode step, and speculative decoding end to end.
 
     python bench/draft_cost.py write-assistant DIR [--size e2b]    # a random assistant of ASSUMED size
     python bench/draft_cost.py time MODEL.pte [--position 128] [--rounds 5] [--calls 5] [--out NAME.json]
+    python bench/draft_cost.py rounding ANY.pte [--position 128]     # a chunk's last logits vs one-token steps
 
 `time` prefills `--position` random tokens, then per round (T's order alternating) times `forward`
 on T = 1 .. 1 + N tokens at that position (one untimed call first: XNNPACK re-plans when T changes)
@@ -13,7 +14,9 @@ twice each, alternating, from one prompt: with the random drafter (it is almost 
 the cost of drafting for nothing) and with an oracle that pays for the `draft` calls but proposes the
 greedy tokens of drafting itself (found by iterating: every draft accepted, the ceiling). It
 reports how many tokens each run shares with plain greedy decoding before the first difference
-(quantized kernels round a verify step's rows differently from one-token steps: near-ties flip).
+(quantized kernels round a verify step's rows differently from one-token steps: near-ties flip), the
+plain run's top-2 logit gap where the random-drafter run first differs, and how far the last logits of
+an 8-token chunk and of the same 8 one-token steps lie apart.
 
 Google's assistant configs are not available offline: `write-assistant` uses transformers'
 Gemma4AssistantConfig defaults (2048 centroids, top 32) and assumed layer sizes (4 layers, hidden
@@ -98,7 +101,8 @@ def modelled(ms: dict[str, float], N: int, accept: float) -> tuple[float, int]:
 def end_to_end(m: PteModel, new: int) -> dict[str, float]:
     """Decode tok/s plain and drafting (random drafter; oracle), two alternating runs each, best."""
     prompt = [2, *torch.randint(3, m.vocab_size, (31,), generator=torch.Generator().manual_seed(1)).tolist()]
-    want = generate(m, prompt, new, stop=()).ids
+    plain = generate(m, prompt, new, stop=(), keep_logits=True)
+    want = plain.ids
     future = want  # the oracle's text: what drafting itself decodes, found by iterating to a fixed point
     for _ in range(4):
         g = generate(m, prompt, new, stop=(), drafter=Oracle(m, len(prompt), future))
@@ -116,12 +120,30 @@ def end_to_end(m: PteModel, new: int) -> dict[str, float]:
             accepted[name] = f"{g.accepted}/{g.drafted}"
             same[name] = next((i for i, (x, y) in enumerate(zip(g.ids, want, strict=True)) if x != y), len(want))
     best = {k: max(v) for k, v in runs.items()}
+    top2 = torch.topk(plain.logits[same["random"]], 2).values if same["random"] < new else None
     return {f"{k}_tok_s": round(v, 2) for k, v in best.items()} | {
         "random_x": round(best["random"] / best["plain"], 3),
         "oracle_x": round(best["oracle"] / best["plain"], 3),
         "accepted_random": accepted["random"],
         "accepted_oracle": accepted["oracle"],
         "tokens_equal_to_plain_greedy_before_a_difference": same,
+        "plain_top2_gap_where_random_drafting_first_differs": None
+        if top2 is None
+        else round(float(top2[0] - top2[1]), 4),
+    }
+
+
+def chunk_vs_steps(m: PteModel, position: int) -> dict[str, float]:
+    """Max |difference| of the last logits of an 8-token chunk and of the same 8 tokens fed one by one."""
+    prompt = torch.randint(3, m.vocab_size, (position,), generator=torch.Generator().manual_seed(2)).tolist()
+    seq = list(range(1000, 1008))
+    m.verify(prompt, 0)
+    steps = [m.step([t], position + i) for i, t in enumerate(seq)][-1]
+    m.verify(prompt, 0)
+    chunk = m.step(seq, position)
+    return {
+        "max_abs_diff": round(float((steps - chunk).abs().max()), 4),
+        "max_abs_logit": round(float(steps.abs().max()), 3),
     }
 
 
@@ -131,6 +153,9 @@ def main() -> None:
     w = sub.add_parser("write-assistant")
     w.add_argument("dir")
     w.add_argument("--size", default="e2b", choices=("e2b", "e4b"))
+    r = sub.add_parser("rounding")  # chunk_vs_steps of any .pte, with or without a drafter
+    r.add_argument("pte")
+    r.add_argument("--position", type=int, default=128)
     t = sub.add_parser("time")
     t.add_argument("pte")
     t.add_argument("--position", type=int, default=128)
@@ -145,6 +170,9 @@ def main() -> None:
         print(f"wrote a random {a.size} assistant (assumed size) to {a.dir}")
         return
     m = PteModel(a.pte)
+    if a.cmd == "rounding":
+        print(Path(a.pte).name, "last logits, an 8-token chunk vs 8 one-token steps:", chunk_vs_steps(m, a.position))
+        return
     if not m.draft_tokens:
         raise SystemExit(f"{a.pte} has no drafter (export it with --assistant)")
     ms = time_calls(m, a)
@@ -158,6 +186,8 @@ def main() -> None:
     model = {str(acc): modelled(ms, N, acc) for acc in (0.5, 0.7, 0.9)}
     print("modelled speedup (best n) at acceptance 0.5 / 0.7 / 0.9:", model)
     e2e = end_to_end(m, a.new_tokens)
+    rounding = chunk_vs_steps(m, a.position)
+    print("last logits, an 8-token chunk vs 8 one-token steps:", rounding)
     print("end to end:", e2e)
     if a.out:
         out = Path(__file__).parent / "results" / a.out
@@ -171,6 +201,7 @@ def main() -> None:
             "draft_over_decode": round(ms["draft"] / ms["T1"], 4),
             "modelled_speedup_best_n": model,
             "end_to_end": e2e,
+            "chunk_vs_steps_last_logits": rounding,
         }
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")

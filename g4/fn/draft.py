@@ -82,7 +82,7 @@ def draft_logits(a: Assistant, acfg: AssistantConfig, h: Tensor) -> Tensor:
     B, T, _ = h.shape
     top = torch.topk(F.linear(h, a.centroids), acfg.centroid_intermediate_top_k, dim=-1).indices  # [B, T, k]
     ids = a.token_ordering.view(acfg.num_centroids, -1)[top].reshape(B, T, -1)  # [B, T, k * V/C]
-    rows = F.embedding(ids, a.embed_tokens)  # [B, T, k * V/C, h]: ExecuTorch's index kernel is ~10x slower
+    rows = F.embedding(ids, a.embed_tokens)  # [B, T, k * V/C, h]: ExecuTorch runs this far faster than index (README)
     scores = (h.unsqueeze(-2) @ rows.transpose(-1, -2)).squeeze(-2)  # [B, T, k * V/C]
     floor = scores.min() - 1.0  # every other token: below the lowest score computed, as HF
     return floor.expand(B, T, acfg.text.vocab_size).scatter(-1, ids, scores)
