@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from g4.config import LayerSpec
+from g4.fn.ops import wide
 
 # Gemma 4 q and k are RMS-normed per head, so the softmax scale is 1.0: no 1/sqrt(head_dim),
 # no query_pre_attn_scalar, no attention-logit softcap.
@@ -30,7 +31,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, m: Tensor, spec: LayerSpec | None = No
     """Eager GQA attention. q `[B, T, nq, d]`, k/v `[B, S, nkv, d]`, m `[T, S]` -> `[B, T, nq, d]`.
 
     Query heads `[j*g, (j+1)*g)` share kv head j. Scores are in the activation dtype, softmax in
-    fp32 then cast back (as the HF eager path).
+    fp32 (`wide`) then cast back (as the HF eager path).
     """
     B, T, nq, d = q.shape
     nkv = k.shape[2]
@@ -39,5 +40,5 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, m: Tensor, spec: LayerSpec | None = No
     vt = v.transpose(1, 2)[:, :, None]
     s = (qg @ kt.transpose(-1, -2)) * ATTENTION_SCALE  # [B, nkv, g, T, S]
     s = s.masked_fill(~m, torch.finfo(s.dtype).min)
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    p = torch.softmax(s, dim=-1, dtype=wide(s.dtype)).to(q.dtype)
     return (p @ vt).reshape(B, nq, T, d).transpose(1, 2)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from g4.config import Config
-from g4.fn.ops import gelu, rms_norm
+from g4.fn.ops import gelu, rms_norm, wide
 from g4.params import Experts, Layer, Router
 
 
@@ -17,7 +17,7 @@ def route(r: Router, x: Tensor, cfg: Config) -> tuple[Tensor, Tensor]:
     """Expert weights (fp32) and ids `[N, K]`: weightless RMSNorm, `scale`, H**-0.5, fp32 softmax, top-k,
     renormalised to sum 1, then `per_expert_scale`."""
     u = rms_norm(x, None, cfg.rms_norm_eps) * r.scale * cfg.hidden_size**-0.5
-    probs = torch.softmax(F.linear(u, r.proj), dim=-1, dtype=torch.float32)
+    probs = torch.softmax(F.linear(u, r.proj), dim=-1, dtype=wide(u.dtype))
     w, ids = torch.topk(probs, cfg.top_k_experts, dim=-1)
     return w / w.sum(-1, keepdim=True) * r.per_expert_scale[ids], ids
 
