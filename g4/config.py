@@ -48,6 +48,46 @@ def _tuple(x: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(x)
 
 
+IMAGE_TOKEN_ID = 258_880  # `<|image|>`: the placeholder each soft token of an image replaces
+
+
+@attrs.frozen(kw_only=True)
+class VisionConfig:
+    """Gemma 4's vision tower (`Gemma4VisionConfig`): a bidirectional encoder over 2-D patch positions."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 100.0  # axial RoPE: half the head dim rotates with x, half with y
+    pooling_kernel_size: int = 3  # k x k patches average into one soft token
+    patch_size: int = 16
+    position_embedding_size: int = 10 * 1024  # rows of each (x, y) position table
+    use_clipped_linears: bool = False  # every linear clamps its input and output to stored bounds
+    standardize: bool = False  # soft tokens: (x - std_bias) * std_scale
+
+    def __attrs_post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads or self.head_dim % 4:
+            raise ConfigError(
+                f"vision_config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads}) and head_dim ({self.head_dim}) of 4"
+            )
+
+
+@attrs.frozen(kw_only=True)
+class Towers:
+    """What a multimodal checkpoint adds to the text decoder (`Gemma4Config`); audio is not built yet."""
+
+    vision: VisionConfig | None = None
+    image_token_id: int = IMAGE_TOKEN_ID
+    # text_config.use_bidirectional_attention == "vision": on sliding layers, an image's soft tokens
+    # also see the later soft tokens of the same image (full layers stay causal)
+    bidirectional_vision: bool = False
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Text-decoder hyper-parameters of one Gemma 4 size."""
@@ -84,6 +124,8 @@ class Config:
     num_experts: int = 0
     top_k_experts: int = 0
     moe_intermediate_size: int = 0
+    # The vision tower etc., loaded only on request (`load_checkpoint(..., towers=True)`); None: text only.
+    towers: Towers | None = None
 
     def __attrs_post_init__(self) -> None:
         if len(self.layer_types) != self.num_hidden_layers:

@@ -5,10 +5,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 from torch import Tensor
 
-from g4.config import DRAFT_TOKENS, FULL, SLIDING, AssistantConfig, Config, ConfigError
-from g4.params import KV_WEIGHTS, Params, leaves_with_path
+from g4.config import (
+    DRAFT_TOKENS,
+    FULL,
+    IMAGE_TOKEN_ID,
+    SLIDING,
+    AssistantConfig,
+    Config,
+    ConfigError,
+    Towers,
+    VisionConfig,
+)
+from g4.params import CLIP_BOUNDS, KV_WEIGHTS, TOWERS, Params, leaves_with_path
 
 TEXT_PREFIX = "model."  # Gemma4ForCausalLM
 MM_PREFIX = "model.language_model."  # Gemma4ForConditionalGeneration (hub -it and base checkpoints)
@@ -17,18 +28,32 @@ MM_IGNORED = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision."
 SHARED_KV_IGNORED = tuple(p + ".weight" for p in KV_WEIGHTS)
 
 
-# Tensors that are parameters of their own in transformers, not a module's `.weight`.
-BARE = ("layer_scalar", "router.scale", "router.per_expert_scale", "experts.gate_up_proj", "experts.down_proj")
+TOWERS_PREFIX = "model."  # the towers and their embedders sit beside the language model
+
+# Tensors that are parameters (or buffers) of their own in transformers, not a module's `.weight`.
+BARE: tuple[str, ...] = (
+    "layer_scalar",
+    "router.scale",
+    "router.per_expert_scale",
+    "experts.gate_up_proj",
+    "experts.down_proj",
+)
+BARE += ("position_embedding_table", "std_bias", "std_scale", *CLIP_BOUNDS)  # the vision tower's
 
 
 def hf_name(path: str) -> str:
-    """Tree path -> text-decoder key without prefix: `layers.0.self_attn.q_proj` -> `...q_proj.weight`."""
+    """Tree path -> key without prefix: `layers.0.self_attn.q_proj` -> `...q_proj.weight`."""
     return path if path.endswith(BARE) else path + ".weight"
+
+
+def hf_key(path: str, prefix: str) -> str:
+    """Tree path -> checkpoint key: text weights under `prefix` (the layout's), the towers under `model.`."""
+    return (TOWERS_PREFIX if path.startswith(TOWERS) else prefix) + hf_name(path)
 
 
 def to_hf_state_dict(params: Params, prefix: str = TEXT_PREFIX) -> dict[str, Tensor]:
     """The tree as a Hugging Face state dict (tied lm_head not included)."""
-    return {prefix + hf_name(p): t for p, t in leaves_with_path(params)}
+    return {hf_key(p, prefix): t for p, t in leaves_with_path(params)}
 
 
 def config_from_hf(d: Mapping[str, Any]) -> Config:
@@ -109,6 +134,44 @@ def config_from_hf(d: Mapping[str, Any]) -> Config:
         top_k_experts=int(d.get("top_k_experts") or 0),
         moe_intermediate_size=int(d.get("moe_intermediate_size") or 0),
     )
+
+
+VISION_FIELDS = [f.name for f in attrs.fields(VisionConfig) if f.name != "rope_theta"]
+
+
+def towers_from_hf(d: Mapping[str, Any]) -> Towers:
+    """The towers of a multimodal `config.json` (`model_type` 'gemma4'); ConfigError if it has none."""
+    if not isinstance(d, Mapping) or d.get("model_type") != "gemma4":
+        raise ConfigError("config.json: towers need a multimodal Gemma 4 config (model_type 'gemma4')")
+    v = d.get("vision_config")
+    if not isinstance(v, Mapping):
+        raise ConfigError("config.json: no 'vision_config' object (a text-only checkpoint?)")
+    rope = v.get("rope_parameters") or {}
+    if rope.get("rope_type", "axial") != "axial":
+        raise ConfigError(f"config.json: vision_config.rope_parameters.rope_type {rope['rope_type']!r} is not 'axial'")
+    if v.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or v.get("attention_bias"):
+        raise ConfigError("config.json: vision_config needs hidden_activation gelu_pytorch_tanh and no attention_bias")
+    vision = VisionConfig(
+        **{k: v[k] for k in VISION_FIELDS if v.get(k) is not None}, rope_theta=float(rope.get("rope_theta", 100.0))
+    )
+    text = d.get("text_config") or {}
+    return Towers(
+        vision=vision,
+        image_token_id=int(d.get("image_token_id", IMAGE_TOKEN_ID)),
+        bidirectional_vision=text.get("use_bidirectional_attention") == "vision",
+    )
+
+
+def towers_to_hf(t: Towers) -> dict[str, Any]:
+    """The multimodal `config.json` fields of `t` (beside `text_config`)."""
+    assert t.vision is not None
+    v = attrs.asdict(t.vision)
+    v["rope_parameters"] = {"rope_type": "axial", "rope_theta": v.pop("rope_theta")}
+    return {
+        "vision_config": v | {"model_type": "gemma4_vision"},
+        "audio_config": None,
+        "image_token_id": t.image_token_id,
+    }
 
 
 def assistant_config_from_hf(d: Mapping[str, Any], generation: Mapping[str, Any] | None = None) -> AssistantConfig:
@@ -208,4 +271,5 @@ def config_to_hf(cfg: Config) -> dict[str, Any]:
         "pad_token_id": cfg.pad_token_id,
         "eos_token_id": list(cfg.eos_token_id),
         "bos_token_id": cfg.bos_token_id,
+        "use_bidirectional_attention": "vision" if cfg.towers and cfg.towers.bidirectional_vision else None,
     }

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree
 
-from g4.config import AssistantConfig, Config
+from g4.config import AssistantConfig, Config, VisionConfig
 
 T = TypeVar("T")
 
@@ -80,8 +80,84 @@ class Layer:
 
 
 @attrs.frozen
+class Clipped:
+    """A vision/audio linear (`Gemma4ClippableLinear`); with clipping, scalar bounds on its input and output."""
+
+    linear: Tensor  # [out, in]
+    input_min: Tensor | None = None  # [] each
+    input_max: Tensor | None = None
+    output_min: Tensor | None = None
+    output_max: Tensor | None = None
+
+
+@attrs.frozen
+class VisionAttention:
+    """A vision layer's attention: full multi-head (or grouped) attention, q/k norms with weights."""
+
+    q_proj: Clipped
+    k_proj: Clipped
+    v_proj: Clipped
+    o_proj: Clipped
+    q_norm: Tensor  # [d]
+    k_norm: Tensor  # [d]
+
+
+@attrs.frozen
+class VisionMlp:
+    """Gated GELU-tanh MLP of clipped linears."""
+
+    gate_proj: Clipped
+    up_proj: Clipped
+    down_proj: Clipped
+
+
+@attrs.frozen
+class VisionLayer:
+    """One encoder layer: the text layer's four norms, no layer_scalar."""
+
+    self_attn: VisionAttention
+    mlp: VisionMlp
+    input_layernorm: Tensor
+    post_attention_layernorm: Tensor
+    pre_feedforward_layernorm: Tensor
+    post_feedforward_layernorm: Tensor
+
+
+@attrs.frozen
+class PatchEmbedder:
+    """Patches to the encoder's width, plus an x and a y position embedding."""
+
+    input_proj: Tensor  # [Hv, 3 * patch**2]
+    position_embedding_table: Tensor  # [2, position_embedding_size, Hv]: x rows, y rows
+
+
+@attrs.frozen
+class Encoder:
+    """The vision encoder's layers (HF nests them under `encoder`)."""
+
+    layers: tuple[VisionLayer, ...]
+
+
+@attrs.frozen
+class VisionTower:
+    """`Gemma4VisionModel`: patch embedder, encoder, (parameter-free) pooler, optional standardisation."""
+
+    patch_embedder: PatchEmbedder
+    encoder: Encoder
+    std_bias: Tensor | None = None  # [Hv]
+    std_scale: Tensor | None = None  # [Hv]
+
+
+@attrs.frozen
+class Embedder:
+    """`Gemma4MultimodalEmbedder`: a weightless RMSNorm, then this projection to the text width."""
+
+    embedding_projection: Tensor  # [H, Hv]
+
+
+@attrs.frozen
 class Params:
-    """The whole text decoder; the LM head is tied to `embed_tokens`."""
+    """The whole text decoder, and the towers if loaded; the LM head is tied to `embed_tokens`."""
 
     embed_tokens: Tensor  # [V, H]
     embed_tokens_per_layer: Tensor | None  # [V_ple, L*P], layer-major columns
@@ -91,6 +167,8 @@ class Params:
     layers: tuple[Layer, ...]
     # None: tied to embed_tokens (checkpoints); the exporter sets a quantized copy, in blocks of rows
     lm_head: Tensor | tuple[Tensor, ...] | None = None
+    vision_tower: VisionTower | None = None
+    embed_vision: Embedder | None = None
 
 
 @attrs.frozen
@@ -106,7 +184,8 @@ class Assistant:
     token_ordering: Tensor | None = None  # [V] int64: token ids, cluster by cluster
 
 
-NODES = (Attention, Mlp, Router, Experts, Layer, Params, Assistant)
+NODES: tuple[type, ...] = (Attention, Mlp, Router, Experts, Layer, Params, Assistant)
+NODES += (Clipped, VisionAttention, VisionMlp, VisionLayer, PatchEmbedder, Encoder, VisionTower, Embedder)
 
 
 def _flatten(node: Any) -> tuple[list[Any], tuple[str, ...]]:
@@ -214,9 +293,47 @@ def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
             s[p + "experts.down_proj"] = (E, H, I)
             for n in ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"):
                 s[p + n] = (H,)
+    if cfg.towers is not None and (v := cfg.towers.vision) is not None:
+        s |= vision_shapes(v, H)
     return s
 
 
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
+VISION_LINEARS = tuple(f"self_attn.{n}_proj" for n in "qkvo") + tuple(f"mlp.{n}_proj" for n in ("gate", "up", "down"))
+
+
+def vision_shapes(v: VisionConfig, text_hidden: int) -> dict[str, tuple[int, ...]]:
+    """Path -> shape of the vision tower's and its embedder's weights (`vision_tower.`, `embed_vision.`)."""
+    Hv, d, nq, nkv, inter = v.hidden_size, v.head_dim, v.num_attention_heads, v.num_key_value_heads, v.intermediate_size
+    s: dict[str, tuple[int, ...]] = {
+        "vision_tower.patch_embedder.input_proj": (Hv, 3 * v.patch_size**2),
+        "vision_tower.patch_embedder.position_embedding_table": (2, v.position_embedding_size, Hv),
+    }
+    outs = {"q": nq * d, "k": nkv * d, "v": nkv * d, "o": Hv, "gate": inter, "up": inter, "down": Hv}
+    ins = {"q": Hv, "k": Hv, "v": Hv, "o": nq * d, "gate": Hv, "up": Hv, "down": inter}
+    for i in range(v.num_hidden_layers):
+        p = f"vision_tower.encoder.layers.{i}."
+        for lin in VISION_LINEARS:
+            n = lin.split(".")[1][: -len("_proj")]
+            s[f"{p}{lin}.linear"] = (outs[n], ins[n])
+            if v.use_clipped_linears:
+                s |= {f"{p}{lin}.{b}": () for b in CLIP_BOUNDS}
+        s[p + "self_attn.q_norm"] = s[p + "self_attn.k_norm"] = (d,)
+        for n in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
+            s[p + n] = (Hv,)
+    if v.standardize:
+        s["vision_tower.std_bias"] = s["vision_tower.std_scale"] = (Hv,)
+    s["embed_vision.embedding_projection"] = (text_hidden, Hv)
+    return s
+
+
+TOWERS = ("vision_tower", "embed_vision")  # Params fields outside the text decoder
 KV_WEIGHTS = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm")
 
 
@@ -247,9 +364,41 @@ def build(cfg: Config, get: Get) -> Params:
     """Builds the tree by calling `get(path, shape)` for every weight the config has."""
     shapes = param_shapes(cfg)
     layers = _build_layers(cfg, shapes, get)  # first: random weights are drawn in this order
-    names = [n for n in attrs.fields_dict(Params) if n not in ("layers", "lm_head")]
+    names = [n for n in attrs.fields_dict(Params) if n not in ("layers", "lm_head", *TOWERS)]
     top: dict[str, Any] = {n: get(n, shapes[n]) if n in shapes else None for n in names}
-    return Params(**top, layers=layers)
+    params = Params(**top, layers=layers)
+    if "embed_vision.embedding_projection" in shapes:
+        params = attrs.evolve(params, **_build_vision(shapes, get))
+    return params
+
+
+def _build_vision(shapes: dict[str, tuple[int, ...]], get: Get) -> dict[str, Any]:
+    def g(path: str) -> Any:  # None where the config has no such weight
+        return get(path, shapes[path]) if path in shapes else None
+
+    def clipped(p: str) -> Clipped:
+        return Clipped(g(p + ".linear"), *(g(f"{p}.{b}") for b in CLIP_BOUNDS))
+
+    layers = []
+    n = sum(1 for k in shapes if k.startswith("vision_tower.encoder.layers.") and k.endswith(".input_layernorm"))
+    for i in range(n):
+        p = f"vision_tower.encoder.layers.{i}."
+        lin = {n: clipped(p + n) for n in VISION_LINEARS}
+        attn = VisionAttention(
+            **{n.split(".")[1]: lin[n] for n in VISION_LINEARS[:4]},
+            q_norm=g(p + "self_attn.q_norm"),
+            k_norm=g(p + "self_attn.k_norm"),
+        )
+        mlp = VisionMlp(**{n.split(".")[1]: lin[n] for n in VISION_LINEARS[4:]})
+        layers.append(VisionLayer(attn, mlp, **{n: g(p + n) for n in NORMS}))
+    pe = "vision_tower.patch_embedder."
+    tower = VisionTower(
+        PatchEmbedder(g(pe + "input_proj"), g(pe + "position_embedding_table")),
+        Encoder(tuple(layers)),
+        g("vision_tower.std_bias"),
+        g("vision_tower.std_scale"),
+    )
+    return {"vision_tower": tower, "embed_vision": Embedder(g("embed_vision.embedding_projection"))}
 
 
 def _build_layers(cfg: Config, shapes: dict[str, tuple[int, ...]], get: Get) -> tuple[Layer, ...]:
@@ -272,9 +421,14 @@ def init_value(path: str, shape: tuple[int, ...], cfg: Config, gen: torch.Genera
 
     Every weight is randomized (the HF reference initializes norms and layer_scalar to ones, which
     would hide bugs exactly where Gemma 4 is unusual): norms near 1 but not 1, layer_scalar not 1,
-    and q/k norm weights scaled by head_dim**-0.25 so that attention at scale 1.0 is not one-hot.
+    q/k norm weights scaled by head_dim**-0.25 so that attention at scale 1.0 is not one-hot, and
+    the towers' clip bounds finite (+-1.5..2.5).
     """
     name = path.rsplit(".", 1)[-1]
+    if name in CLIP_BOUNDS:  # finite and tight enough to clip the tails of unit-scale activations
+        return (1.5 + torch.rand(shape, generator=gen)) * (-1 if name.endswith("min") else 1)
+    if name == "position_embedding_table":  # as large as a patch's projection
+        return 0.5 * torch.randn(shape, generator=gen)
     if name == "layer_scalar":
         return 0.5 + torch.rand(shape, generator=gen)
     if name in ("q_norm", "k_norm"):

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import g4
-from g4.hf import config_to_hf, to_hf_state_dict
+from g4.hf import MM_PREFIX, config_to_hf, to_hf_state_dict, towers_to_hf
 
 
 def hf_model(cfg: g4.Config, params: g4.Params, dtype: torch.dtype = torch.float32):
@@ -41,3 +41,16 @@ def hf_cached_logits(model, ids: torch.Tensor, n: int) -> torch.Tensor:
             out = model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
             logits.append(out.logits)
     return torch.cat(logits, 1)
+
+
+def hf_multimodal(cfg: g4.Config, params: g4.Params):
+    """A `Gemma4ForConditionalGeneration` (eager attention) holding exactly `params`, towers included."""
+    assert cfg.towers is not None
+    hf_cfg = transformers.Gemma4Config(text_config=config_to_hf(cfg), **towers_to_hf(cfg.towers))
+    for c in (hf_cfg, hf_cfg.text_config, hf_cfg.vision_config):
+        c._attn_implementation = "eager"
+    model = transformers.Gemma4ForConditionalGeneration(hf_cfg).eval()
+    sd = to_hf_state_dict(params, MM_PREFIX) | {"lm_head.weight": params.embed_tokens}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return model

@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: lean, safe loading into the parameter tree, and random full-size writers.
 
-Names and config fields are translated in `g4.hf` (`hf_name` plus the prefix of the layout).
+Names and config fields are translated in `g4.hf` (`hf_key`: the name plus the prefix of the layout).
 Only safetensors are read (memory-mapped, one tensor at a time); pickle files are never opened.
 """
 
@@ -17,8 +17,9 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import attrs
 import torch
 from safetensors import safe_open
 from torch import Tensor
@@ -35,7 +36,9 @@ from g4.hf import (
     assistant_name,
     config_from_hf,
     config_to_hf,
-    hf_name,
+    hf_key,
+    towers_from_hf,
+    towers_to_hf,
 )
 from g4.memory import libc
 from g4.params import (
@@ -50,6 +53,8 @@ from g4.params import (
     param_shapes,
 )
 
+T = TypeVar("T")
+
 FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors dtype names g4 converts
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX = "model.safetensors.index.json"
@@ -62,11 +67,15 @@ class CheckpointError(ValueError):
 
 def read_config(path: str | os.PathLike) -> Config:
     """The `Config` of a checkpoint folder's `config.json`."""
-    file = Path(path) / "config.json"
+    return _read_json(Path(path) / "config.json", config_from_hf)
+
+
+def _read_json(file: Path, parse: Callable[[Any], T]) -> T:
+    """`parse` of a checkpoint's JSON file; CheckpointError naming the file if it is missing, not JSON or wrong."""
     if not file.is_file():
         raise CheckpointError(f"{file}: not found (expected a Hugging Face Gemma 4 checkpoint folder)")
     try:
-        return config_from_hf(json.loads(file.read_text()))
+        return parse(json.loads(file.read_text()))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from None
     except ConfigError as e:
@@ -186,8 +195,12 @@ def load_checkpoint(
     dtype: torch.dtype | None = torch.float32,
     transform: Callable[[str, Tensor], Tensor] | None = None,
     progress: bool = False,
+    towers: bool = False,
 ) -> tuple[Config, Params]:
     """Loads a Hugging Face Gemma 4 checkpoint folder (multimodal or text-only layout) as `(cfg, params)`.
+
+    `towers=True` also loads a multimodal checkpoint's vision tower and its embedder (`cfg.towers`,
+    `params.vision_tower`, `params.embed_vision`); without it they are ignored (text only).
 
     Every name and shape is checked from the safetensors headers before any weight is read; then the
     tensors are read through the memory map one at a time and converted to `dtype`, so peak memory is
@@ -199,22 +212,24 @@ def load_checkpoint(
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a directory")
     cfg = read_config(folder)
+    if towers:
+        cfg = attrs.evolve(cfg, towers=_read_json(folder / "config.json", towers_from_hf))
     r = _Reader(_shards(folder))
     prefix = MM_PREFIX if any(k.startswith(MM_PREFIX) for k in r.where) else TEXT_PREFIX
-    shapes = {prefix + hf_name(p): s for p, s in param_shapes(cfg).items()}
+    shapes = {hf_key(p, prefix): s for p, s in param_shapes(cfg).items()}
 
     ignorable = {
         f"{prefix}layers.{i}.{n}" for i in range(cfg.first_shared, cfg.num_hidden_layers) for n in SHARED_KV_IGNORED
     }
     ignorable |= {f"{prefix}layers.{i}.self_attn.v_norm.weight" for i in range(cfg.num_hidden_layers)}
     if prefix == MM_PREFIX:
-        ignorable |= {k for k in r.where if k.startswith(MM_IGNORED)}
+        ignorable |= {k for k in r.where if k.startswith(MM_IGNORED) and k not in shapes}
     _check_names(folder, r, shapes, ignorable, prefix + "embed_tokens.weight")
 
     bar = tqdm(total=len(shapes), desc="load", unit="tensor", disable=not progress, file=sys.stderr)
 
     def get(p: str, _: tuple[int, ...]) -> Tensor:
-        t = r.get(prefix + hf_name(p), dtype)
+        t = r.get(hf_key(p, prefix), dtype)
         bar.update()
         return transform(p, t) if transform else t
 
@@ -307,7 +322,7 @@ def _write_safetensors(
         f.write(struct.pack("<Q", len(raw)) + raw)
         for _, _, chunks in tensors:
             for c in chunks():
-                f.write(c.to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+                f.write(c.to(dtype).reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def write_random_checkpoint(
@@ -322,11 +337,13 @@ def write_random_checkpoint(
     """Writes a `Gemma4ForCausalLM`-format checkpoint (config.json, sharded safetensors, index) of random weights.
 
     `multimodal=True` writes the hub's `Gemma4ForConditionalGeneration` layout instead (text weights
-    under `model.language_model.`, config under `text_config`, no vision/audio towers).
+    under `model.language_model.`, config under `text_config`; the vision tower if `cfg.towers` has one).
 
     Tensor by tensor, in row chunks of at most 64 MiB, so E4B (16 GB in bf16) is written in bounded
     memory. Values come from `g4.params.init_value` with one generator seeded by `seed`.
     """
+    if cfg.towers is not None and not multimodal:
+        raise ValueError("write_random_checkpoint: a config with towers needs multimodal=True")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -335,6 +352,9 @@ def write_random_checkpoint(
 
     def chunks(p: str, shape: tuple[int, ...]) -> Callable[[], Iterator[Tensor]]:
         def run() -> Iterator[Tensor]:
+            if not shape:  # a scalar (a clip bound)
+                yield init_value(p, shape, cfg, gen)
+                return
             rows = max(1, (64 << 20) // (4 * math.prod(shape[1:]))) if len(shape) > 1 else shape[0]
             for i in range(0, shape[0], rows):
                 yield init_value(p, (min(rows, shape[0] - i), *shape[1:]), cfg, gen)
@@ -348,7 +368,7 @@ def write_random_checkpoint(
         if shards[-1] and size + n > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(((MM_PREFIX if multimodal else TEXT_PREFIX) + hf_name(p), shape, chunks(p, shape)))
+        shards[-1].append((hf_key(p, MM_PREFIX if multimodal else TEXT_PREFIX), shape, chunks(p, shape)))
         size += n
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for i, (name, tensors) in enumerate(zip(names, shards, strict=True)):
@@ -370,7 +390,7 @@ def write_random_checkpoint(
             "vision_config": None,
             "audio_config": None,
             "tie_word_embeddings": True,
-        }
+        } | (towers_to_hf(cfg.towers) if cfg.towers else {})
     atomic_write(out / "config.json", lambda f: f.write_text(json.dumps(hf, indent=2)))
     return out
 

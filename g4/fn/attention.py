@@ -14,17 +14,31 @@ ATTENTION_SCALE = 1.0
 EMPTY = -1  # key position of a cache slot that holds nothing yet
 
 
-def mask(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+def mask(q_pos: Tensor, k_pos: Tensor, window: int | None, blocks: Tensor | None = None) -> Tensor:
     """Bool `[T, S]`: query at q_pos[t] may see key at k_pos[s] (causal; sliding: q - k < window).
 
     Keys come from slot positions, so a ring that has wrapped, a half-filled cache and a plain
     prefill are all handled the same way. A sliding query sees exactly `window` keys, itself included.
+    With `blocks` (`[B, T]`, see `same_block`) a query also sees the later keys of its block:
+    `[B, 1, 1, T, S]`.
     """
     q, k = q_pos[:, None], k_pos[None, :]
     m = (k != EMPTY) & (k <= q)
+    if blocks is not None:
+        m = (m | same_block(q_pos, k_pos, blocks))[:, None, None]
     if window is not None:
         m = m & (q - k < window)
     return m
+
+
+def same_block(q_pos: Tensor, k_pos: Tensor, blocks: Tensor) -> Tensor:
+    """Bool `[B, T, S]`: query t and key s are in the same block of this call (`blocks [B, T]`: a block id per
+    query, -1 outside any). Keys from earlier calls belong to no block: an image is fed in one call."""
+    T = q_pos.shape[0]
+    i = k_pos - q_pos[0]  # the key's index in this call (positions are consecutive)
+    mine = (k_pos != EMPTY) & (i >= 0) & (i < T)
+    kb = torch.where(mine, blocks[:, i.clamp(0, T - 1)], -1)  # [B, S]
+    return (blocks[:, :, None] == kb[:, None, :]) & (blocks[:, :, None] >= 0)
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, m: Tensor, spec: LayerSpec | None = None) -> Tensor:

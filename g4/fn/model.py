@@ -40,6 +40,7 @@ def per_layer_inputs(p: Params, cfg: Config, tokens: Tensor, h0: Tensor) -> Tens
     return (proj + tok) * PLE_COMBINE_SCALE
 
 
+Soft = tuple[Tensor, Tensor]  # where [B, T] bool, embeddings [B, T, H]: used in place of the tokens' there
 Rotate = Callable[[Tensor], Tensor]
 Rope = tuple[Tensor, Tensor, Rotate]  # cos, sin, rotate_half
 QKV = tuple[Tensor, tuple[Tensor, Tensor] | None]  # q, and k, v for a KV-owning layer
@@ -142,13 +143,13 @@ class View:
 
     spec: LayerSpec  # the type's first layer
     rope: Rope
-    allowed: Tensor  # bool [T, S]: query t may see key s
+    allowed: Tensor  # bool [T, S]: query t may see key s ([B, 1, 1, T, S] with image blocks)
     mask: Any  # `allowed` as the attend hook takes it
 
     def last(self, hooks: Hooks, n: int) -> View:
         """The view of the last `n` queries only."""
         cos, sin, rotate = self.rope
-        allowed = tail(self.allowed, n, 0)
+        allowed = tail(self.allowed, n, self.allowed.dim() - 2)
         return View(self.spec, (tail(cos, n, 0), tail(sin, n, 0), rotate), allowed, hooks.mask(allowed, self.spec))
 
 
@@ -163,13 +164,19 @@ def tail(x: Tensor, n: int, dim: int = 1) -> Tensor:
     return x.narrow(dim, size - n, n)
 
 
-def views(cfg: Config, positions: Tensor, step: Step | None, dtype: torch.dtype, hooks: Hooks) -> dict[str, View]:
-    """Layer type -> its `View` for queries at `positions` (keys: themselves, or the cache's slots)."""
+def views(
+    cfg: Config, positions: Tensor, step: Step | None, dtype: torch.dtype, hooks: Hooks, blocks: Tensor | None = None
+) -> dict[str, View]:
+    """Layer type -> its `View` for queries at `positions` (keys: themselves, or the cache's slots).
+
+    `blocks [B, T]`: image blocks that sliding layers attend within both ways (`bidirectional_vision`).
+    """
     out = {}
     for t in dict.fromkeys(cfg.layer_types):  # in order of first appearance: a deterministic graph
         s = cfg.layers[cfg.layer_types.index(t)]
         cos, sin = rope_table(positions, inv_freq(s.head_dim, s.rope_theta, s.partial_rotary_factor), dtype)
-        allowed = mask(positions, positions if step is None else step.key_positions[t], s.window)
+        keys = positions if step is None else step.key_positions[t]
+        allowed = mask(positions, keys, s.window, blocks if s.is_sliding else None)
         out[t] = View(s, (cos, sin, hooks.rotate), allowed, hooks.mask(allowed, s))
     return out
 
@@ -190,15 +197,18 @@ def forward(
     *,
     hooks: Hooks = EAGER,
     last: int | None = None,
+    soft: Soft | None = None,
+    blocks: Tensor | None = None,
 ) -> tuple[Tensor, Cache | None]:
     """Logits `[B, T, V]` (`[B, min(T, last), V]` with `last`: a prefill's last, a verify step's 1 + N) and the
     updated cache.
 
     tokens `[B, T]` int64, positions `[T]` int64 absolute positions shared by the batch. Without a
     cache this is a plain causal forward; with one, prefill of any length and one-token decode are
-    the same call.
+    the same call. `soft` puts embeddings (an image's soft tokens) in place of the tokens' where it
+    says; `blocks` makes them attend both ways on sliding layers (`g4.fn.multimodal`).
     """
-    h, cache = hidden_states(params, cfg, tokens, positions, cache, hooks=hooks, last=last)
+    h, cache = hidden_states(params, cfg, tokens, positions, cache, hooks=hooks, last=last, soft=soft, blocks=blocks)
     return head(params, cfg, h), cache
 
 
@@ -211,14 +221,18 @@ def hidden_states(
     *,
     hooks: Hooks = EAGER,
     last: int | None = None,
+    soft: Soft | None = None,
+    blocks: Tensor | None = None,
 ) -> tuple[Tensor, Cache | None]:
     """`forward` up to the LM head: the final-normed hidden states `[B, T, H]` (HF's last hidden state)."""
     check_inputs(cfg, tokens, positions, cache)
     eps = cfg.rms_norm_eps
     h = embed(params.embed_tokens, tokens, cfg.hidden_size**0.5)  # [B, T, H]
+    if soft is not None:  # the PLE token table still reads `tokens` there (pad), its projection the soft tokens
+        h = torch.where(soft[0][..., None], soft[1].to(h.dtype), h)
     ple = per_layer_inputs(params, cfg, tokens, h)  # [B, T, L, P] or None
     step = None if cache is None else kv.plan(cache, positions, hooks.tag, hooks.forget)
-    view = views(cfg, positions, step, params.embed_tokens.dtype, hooks)
+    view = views(cfg, positions, step, params.embed_tokens.dtype, hooks, blocks)
     made: dict[int, tuple[KV, KV]] = {}  # this call's K/V by owning layer; KV-shared layers read their donor's
     for i, (p, spec) in enumerate(zip(params.layers, cfg.layers, strict=True)):
         if last and i == cfg.first_shared:  # KV-shared layers write no cache: only the last queries matter

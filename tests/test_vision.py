@@ -1,0 +1,241 @@
+"""The vision tower and text with images, against transformers' Gemma4ForConditionalGeneration."""
+
+import attrs
+import pytest
+import torch
+import transformers
+from reference import hf_multimodal
+
+import g4
+from g4.checkpoint import CheckpointError
+from g4.config import Towers, VisionConfig
+from g4.fn.multimodal import image_blocks, image_features, merge, multimodal_logits
+from g4.fn.vision import pool
+
+IMG = 510  # the tiny vocabulary's image placeholder (Gemma 4's is 258880)
+# Every feature on: grouped KV heads, clipped linears, standardisation; patches of 4 x 4 pixels.
+VISION = VisionConfig(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    patch_size=4,
+    pooling_kernel_size=3,
+    position_embedding_size=64,
+    use_clipped_linears=True,
+    standardize=True,
+)
+MAX_PATCHES = 81  # 9 soft tokens at most
+
+
+def config(bidirectional: bool, name: str = "tiny") -> g4.Config:
+    towers = Towers(vision=VISION, image_token_id=IMG, bidirectional_vision=bidirectional)
+    return attrs.evolve(g4.CONFIGS[name], towers=towers)
+
+
+def image(h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An h x w-patch image as HF's processor lays it out: raster patches, then padding to MAX_PATCHES."""
+    n, P = h * w, 3 * VISION.patch_size**2
+    pixels = torch.rand(MAX_PATCHES, P, generator=torch.Generator().manual_seed(seed))
+    pixels[n:] = 0
+    gx, gy = torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy")
+    pos = torch.cat([torch.stack([gx, gy], -1).reshape(n, 2), torch.full((MAX_PATCHES - n, 2), -1)])
+    return pixels, pos
+
+
+def batch(*images):
+    return torch.stack([p for p, _ in images]), torch.stack([q for _, q in images])
+
+
+def prompt(*soft: int) -> list[int]:
+    """Text, then each image as begin / soft tokens / end (any ids stand in for <|image> and <image|>)."""
+    ids = [2, 5, 7]
+    for n in soft:
+        ids += [300] + [IMG] * n + [301, 9, 10]
+    return ids
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["causal", "bidirectional"])
+def case(request):
+    cfg = config(request.param)
+    params = g4.init_params(cfg, seed=3)
+    return cfg, params, hf_multimodal(cfg, params)
+
+
+def hf_logits(model, ids, pixels=None, pos=None):
+    with torch.no_grad():
+        kw = {} if pixels is None else dict(pixel_values=pixels, image_position_ids=pos)
+        return model(input_ids=ids, mm_token_type_ids=(ids == IMG).long(), use_cache=False, **kw).logits
+
+
+# 6x9 patches (6 soft tokens, 27 padding patches), 9x3 (3 soft tokens), 9x9 (9, no padding)
+IMAGES = {"one": [(6, 9)], "two": [(6, 9), (9, 3)], "full": [(9, 9)]}
+
+
+@pytest.mark.parametrize("images", IMAGES)
+@torch.no_grad()
+def test_image_logits_equal_transformers(case, images):
+    cfg, params, ref = case
+    sizes = IMAGES[images]
+    pixels, pos = batch(*(image(h, w, i) for i, (h, w) in enumerate(sizes)))
+    ids = torch.tensor([prompt(*(h * w // 9 for h, w in sizes))])
+    got = multimodal_logits(params, cfg, ids, pixel_values=pixels, image_position_ids=pos)
+    assert torch.equal(got, hf_logits(ref, ids, pixels, pos))  # same ops in the same order, bit for bit
+
+
+@torch.no_grad()
+def test_batch_of_prompts_with_images_equals_transformers(case):
+    cfg, params, ref = case
+    pixels, pos = batch(image(6, 9, 0), image(9, 3, 1), image(3, 3, 2))
+    ids = torch.tensor([prompt(6, 3), prompt(1) + [12] * 12])  # images of row 0, then row 1
+    got = multimodal_logits(params, cfg, ids, pixel_values=pixels, image_position_ids=pos)
+    assert torch.equal(got, hf_logits(ref, ids, pixels, pos))
+
+
+@torch.no_grad()
+def test_text_only_with_towers_equals_transformers(case):
+    cfg, params, ref = case
+    ids = torch.tensor([prompt() + list(range(20, 36))])  # 19 tokens
+    assert torch.equal(multimodal_logits(params, cfg, ids), hf_logits(ref, ids))
+
+
+@torch.no_grad()
+def test_image_features_equal_transformers(case):
+    cfg, params, ref = case
+    pixels, pos = batch(image(6, 9, 0), image(9, 3, 1))
+    want = torch.cat(ref.model.get_image_features(pixels, pos).pooler_output)
+    assert torch.equal(image_features(params, cfg, pixels, pos), want)
+
+
+def test_clipping_and_padding_matter(case):
+    # The parity above would not notice a tower that ignored its clip bounds or leaked padding patches.
+    cfg, params, _ = case
+    pixels, pos = batch(image(6, 9, 0))
+    base = image_features(params, cfg, pixels, pos)
+    unclipped = g4.params.tree_map_with_path(
+        lambda p, t: t * 100 if p.endswith(("_min", "_max")) else t, params.vision_tower
+    )
+    assert not torch.allclose(image_features(attrs.evolve(params, vision_tower=unclipped), cfg, pixels, pos), base)
+    noisy = pixels.clone()
+    noisy[0, 54:] = torch.rand(27, 48)  # only padding patches change
+    assert torch.equal(image_features(params, cfg, noisy, pos), base)
+
+
+def test_image_blocks_equal_transformers():
+    from transformers.models.gemma4.modeling_gemma4 import get_block_sequence_ids_for_mask
+
+    ids = torch.tensor([prompt(2, 3) + [0] * 2, prompt(1, 1, 1)])
+    want = get_block_sequence_ids_for_mask((ids == IMG).long(), ids.device)
+    assert torch.equal(image_blocks(ids == IMG), want)
+
+
+def test_pool_averages_each_block_in_raster_order():
+    h = torch.arange(36.0).reshape(1, 36, 1)  # a 6 x 6 grid, value = raster index
+    gx, gy = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="xy")
+    out, real = pool(h, torch.stack([gx, gy], -1).reshape(1, 36, 2), 3)
+    assert real.all()
+    # block (bx, by) averages rows 3by..3by+2, columns 3bx..3bx+2: mean raster index = 18 by + 3 bx + 7
+    assert torch.allclose(out.flatten(), torch.tensor([7.0, 10.0, 25.0, 28.0]))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@torch.no_grad()
+def test_cached_prefill_with_image_then_decode_equals_no_cache(bidirectional):
+    # Prefill in chunks (the image inside one), then one token at a time: the plain forward's logits.
+    cfg = config(bidirectional)
+    params = g4.init_params(cfg, seed=4)
+    pixels, pos = batch(image(6, 9, 0))
+    ids = torch.tensor([prompt(6) + list(range(20, 50))])  # 43 tokens: the decode passes the window (16)
+    want = multimodal_logits(params, cfg, ids, pixel_values=pixels, image_position_ids=pos)
+    tokens, (where, values), blocks = merge(params, cfg, ids, image_features(params, cfg, pixels, pos))
+    cache, out = g4.init_cache(cfg, max_seq_len=64), []
+    for a, b in [(0, 3), (3, 14), *((t, t + 1) for t in range(14, ids.shape[1]))]:
+        part = None if blocks is None else blocks[:, a:b]
+        logits, cache = g4.forward(
+            params, cfg, tokens[:, a:b], torch.arange(a, b), cache, soft=(where[:, a:b], values[:, a:b]), blocks=part
+        )
+        out.append(logits)
+    got = torch.cat(out, 1)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_bidirectional_blocks_change_the_logits():
+    # On sliding layers an image's soft tokens also see its later ones: from the first soft token on, the
+    # logits move; the text before the image does not.
+    cfg = config(True)
+    params = g4.init_params(cfg, seed=4)
+    pixels, pos = batch(image(6, 9, 0))
+    ids = torch.tensor([prompt(6)])
+    with torch.no_grad():
+        both = multimodal_logits(params, cfg, ids, pixel_values=pixels, image_position_ids=pos)
+        causal = multimodal_logits(
+            params, attrs.evolve(cfg, towers=config(False).towers), ids, pixel_values=pixels, image_position_ids=pos
+        )
+    first = prompt(6).index(IMG)
+    assert torch.equal(both[:, :first], causal[:, :first])
+    assert not torch.allclose(both[:, first:], causal[:, first:])
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+def test_load_towers_from_save_pretrained(tmp_path, case):
+    cfg, params, ref = case
+    ref.save_pretrained(tmp_path, max_shard_size="200KB")
+    loaded_cfg, loaded = g4.load_checkpoint(tmp_path, towers=True)
+    assert loaded_cfg == cfg
+    for (p, a), (q, b) in zip(g4.params.leaves_with_path(loaded), g4.params.leaves_with_path(params), strict=True):
+        assert p == q and torch.equal(a, b), p
+    # Without towers=True: today's text-only load, towers ignored.
+    text_cfg, text = g4.load_checkpoint(tmp_path)
+    assert text_cfg == attrs.evolve(cfg, towers=None) and text.vision_tower is None and text.embed_vision is None
+
+
+def test_random_multimodal_checkpoint_loads_in_transformers(tmp_path):
+    cfg = config(False)
+    g4.write_random_checkpoint(cfg, tmp_path, seed=5, dtype=torch.float32, multimodal=True)
+    model, info = transformers.Gemma4ForConditionalGeneration.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    loaded_cfg, params = g4.load_checkpoint(tmp_path, towers=True)
+    assert loaded_cfg == cfg
+    pixels, pos = batch(image(6, 9, 0))
+    ids = torch.tensor([prompt(6)])
+    with torch.no_grad():
+        got = multimodal_logits(params, cfg, ids, pixel_values=pixels, image_position_ids=pos)
+    assert torch.equal(got, hf_logits(model.eval(), ids, pixels, pos))
+
+
+def test_towers_of_a_text_only_checkpoint_is_an_error(tmp_path):
+    g4.write_random_checkpoint(g4.CONFIGS["tiny"], tmp_path, dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=r"config\.json: towers need a multimodal"):
+        g4.load_checkpoint(tmp_path, towers=True)
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def test_bad_image_inputs_name_the_argument(case):
+    cfg, params, _ = case
+    pixels, pos = batch(image(6, 9, 0))
+    ids = torch.tensor([prompt(6)])
+    with pytest.raises(ValueError, match=r"input_ids: 6 image placeholder tokens, but the images give no image"):
+        multimodal_logits(params, cfg, ids)
+    with pytest.raises(ValueError, match=r"input_ids: 7 image placeholder tokens, but the images give 6 soft"):
+        multimodal_logits(params, cfg, torch.tensor([prompt(7)]), pixel_values=pixels, image_position_ids=pos)
+    with pytest.raises(ValueError, match=r"image_position_ids: needed with pixel_values"):
+        multimodal_logits(params, cfg, ids, pixel_values=pixels)
+    with pytest.raises(ValueError, match=r"pixel_values must be \[B, N, 48\]"):
+        multimodal_logits(params, cfg, ids, pixel_values=pixels[..., :47], image_position_ids=pos)
+    with pytest.raises(ValueError, match=r"image_position_ids must be int64 \[B, N, 2\]"):
+        multimodal_logits(params, cfg, ids, pixel_values=pixels, image_position_ids=pos.float())
+    with pytest.raises(ValueError, match=r"80 patches is no multiple of 3\^2"):
+        multimodal_logits(params, cfg, ids, pixel_values=pixels[:, :80], image_position_ids=pos[:, :80])
+    text = attrs.evolve(params, vision_tower=None, embed_vision=None)
+    with pytest.raises(ValueError, match=r"pixel_values: this model has no vision tower"):
+        multimodal_logits(text, cfg, ids, pixel_values=pixels, image_position_ids=pos)
+    with pytest.raises(ValueError, match=r"cfg: no towers"):
+        multimodal_logits(params, attrs.evolve(cfg, towers=None), ids)
