@@ -419,3 +419,27 @@ ASSISTANTS: dict[str, AssistantConfig] = {
         centroid_intermediate_top_k=4,
     )
 }
+
+# The vision towers of multimodal checkpoints (`vision_config`), for random weights and `g4.export --vision`.
+# E2B's and E4B's: transformers' default vision config with clipped linears, no standardisation (their
+# tensor counts). The tiny one keeps every feature at a few KB: grouped KV heads, clipping, standardisation,
+# 4 x 4-pixel patches; its placeholder is an unused id of the tiny vocabulary.
+TOWERS: dict[str, Towers] = {
+    "tiny": Towers(
+        vision=VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            patch_size=4,
+            position_embedding_size=64,
+            use_clipped_linears=True,
+            standardize=True,
+        ),
+        image_token_id=54,
+    ),
+    "e2b": Towers(vision=VisionConfig(use_clipped_linears=True)),
+    "e4b": Towers(vision=VisionConfig(use_clipped_linears=True)),
+}

@@ -62,8 +62,8 @@ def preprocess(
         h, w = target_size(im.height, im.width, p, N, k)
         if (h, w) != (im.height, im.width):
             im = im.resize((w, h), resample=Image.Resampling.BICUBIC)
-        x = np.asarray(im).astype(np.float64) * (1 / 255)  # [h, w, 3]; HF rounds to fp32 after scaling in fp64
-        x = x.astype(np.float32).reshape(h // p, p, w // p, p, 3).transpose(0, 2, 1, 3, 4).reshape(-1, p * p * 3)
+        scaled = np.asarray(im).astype(np.float64) * (1 / 255)  # [h, w, 3]; HF rounds to fp32 after scaling in fp64
+        x = scaled.astype(np.float32).reshape(h // p, p, w // p, p, 3).transpose(0, 2, 1, 3, 4).reshape(-1, p * p * 3)
         gx, gy = np.meshgrid(np.arange(w // p), np.arange(h // p), indexing="xy")
         pos = np.stack([gx, gy], -1).reshape(-1, 2)
         n = x.shape[0]

@@ -8,31 +8,16 @@ from reference import hf_multimodal
 
 import g4
 from g4.checkpoint import CheckpointError
-from g4.config import Towers, VisionConfig
 from g4.fn.multimodal import image_blocks, image_features, merge, multimodal_logits
 from g4.fn.vision import pool
 
-IMG = 510  # the tiny vocabulary's image placeholder (Gemma 4's is 258880)
-# Every feature on: grouped KV heads, clipped linears, standardisation; patches of 4 x 4 pixels.
-VISION = VisionConfig(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    patch_size=4,
-    pooling_kernel_size=3,
-    position_embedding_size=64,
-    use_clipped_linears=True,
-    standardize=True,
-)
+TOWERS = g4.config.TOWERS["tiny"]  # every feature on: grouped KV heads, clipped linears, standardisation
+IMG, VISION = TOWERS.image_token_id, TOWERS.vision  # patches of 4 x 4 pixels
 MAX_PATCHES = 81  # 9 soft tokens at most
 
 
 def config(bidirectional: bool, name: str = "tiny") -> g4.Config:
-    towers = Towers(vision=VISION, image_token_id=IMG, bidirectional_vision=bidirectional)
-    return attrs.evolve(g4.CONFIGS[name], towers=towers)
+    return attrs.evolve(g4.CONFIGS[name], towers=attrs.evolve(TOWERS, bidirectional_vision=bidirectional))
 
 
 def image(h: int, w: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,8 @@ from g4.export.quant import (
     row_blocks,
 )
 from g4.export.shim import KV_CACHES, DraftSpec, Shim, buffer_name
-from g4.params import Assistant, Params, leaves_with_path, param_shapes, tree_map_with_path
+from g4.image import SOFT_TOKENS
+from g4.params import TOWERS, Assistant, Params, leaves_with_path, param_shapes, tree_map_with_path
 
 DTYPES = ("fp32", "bf16")
 
@@ -58,6 +59,9 @@ class ExportOptions:
     lean: bool = _opt(True, "lower with g4's fixes to ExecuTorch's memory and time (g4/export/lean.py)")
     fuse: bool = _opt(True, "q/k/v of KV-owning layers as one GEMM (g4/export/fuse.py)")
     head_rows: int = _opt(32768, "LM head rows per XNNPACK delegate (a lower peak while a program loads)")
+    vision: bool = _opt(False, "add the vision tower: `vision_encoder` and `text_decoder` methods")
+    vision_quantize: str = _opt("none", "the vision tower's linear layers", LINEAR_MODES)
+    max_soft_tokens: int = _opt(280, "most soft tokens per image (its patches: 9 times as many)", SOFT_TOKENS)
 
     def __attrs_post_init__(self) -> None:
         for f in attrs.fields(type(self)):
@@ -73,25 +77,31 @@ class ExportOptions:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.head_rows < 1:
             raise ValueError(f"head_rows must be >= 1, got {self.head_rows}")
+        if self.vision and (self.dtype != "fp32"):
+            raise ValueError("vision: the tower is exported with fp32 activations (--dtype fp32)")
 
     def check(self, cfg: Config) -> None:
         """Raises ValueError if a weight of `cfg` cannot take the quantization (int4 groups must divide widths)."""
         shapes = param_shapes(cfg)
-        if self.quantize == "8da4w":
-            for path, s in shapes.items():
-                if (
-                    len(s) == 2
-                    and path not in EMBEDDING_TABLES
-                    and not path.endswith(FLOAT_LINEARS)
-                    and s[1] % self.group_size
-                ):
-                    raise ValueError(f"group_size {self.group_size} does not divide the input width {s[1]} of {path}")
+        for path, s in shapes.items():
+            if (
+                self.linear_mode(path) == "8da4w"
+                and len(s) == 2
+                and path not in EMBEDDING_TABLES
+                and not path.endswith(FLOAT_LINEARS)
+                and s[1] % self.group_size
+            ):
+                raise ValueError(f"group_size {self.group_size} does not divide the input width {s[1]} of {path}")
         if self.embedding_quantize == 4:
             for path in EMBEDDING_TABLES:
                 if path in shapes and shapes[path][1] % self.group_size:
                     raise ValueError(
                         f"group_size {self.group_size} does not divide the width {shapes[path][1]} of {path}"
                     )
+
+    def linear_mode(self, path: str) -> str:
+        """The linear scheme of the weight at `path`: the tower's own for the vision tower and its embedder."""
+        return self.vision_quantize if path.startswith(TOWERS) else self.quantize
 
     @property
     def chunk(self) -> int:
@@ -131,10 +141,10 @@ class Quantizer:
 
     def linear(self, path: str, w: torch.Tensor) -> torch.Tensor:
         """The linear scheme (`ExportOptions.check` has made sure the shape takes it)."""
-        o = self.opts
-        if o.quantize == "none":
+        o, mode = self.opts, self.opts.linear_mode(path)
+        if mode == "none":
             return w.to(o.torch_dtype)
-        return chunked(lambda x: quantize_linear(x, o.quantize, o.group_size), w, o.torch_dtype)
+        return chunked(lambda x: quantize_linear(x, mode, o.group_size), w, o.torch_dtype)
 
     def finish(self, params: Params) -> Params:
         """The tree with the untied, quantized LM head (if any), in blocks of `head_rows` rows."""
@@ -160,6 +170,17 @@ def check_drafter(opts: ExportOptions, tokens: int) -> None:
         raise ValueError(f"a verify step of 1 + {tokens} draft tokens does not fit a prefill chunk of {opts.chunk}")
 
 
+def check_vision(cfg: Config, params: Params, drafter: DraftSpec | None) -> None:
+    """Raises ValueError unless the vision tower can go into the program."""
+    t = cfg.towers
+    if t is None or t.vision is None or params.vision_tower is None:
+        raise ValueError("vision: the model has no vision tower (a multimodal checkpoint, loaded with towers=True)")
+    if t.bidirectional_vision:
+        raise ValueError("vision: bidirectional image attention (use_bidirectional_attention 'vision') is not exported")
+    if drafter is not None:
+        raise ValueError("vision: a program with a drafter takes no vision tower yet")
+
+
 def quantize_assistant(acfg: AssistantConfig, a: Assistant, opts: ExportOptions) -> Assistant:
     """The drafter's linear weights in the linear scheme where its group size divides their width; the
     rest in the export dtype: its norms, the centroids (which choose the tokens scored), and a table
@@ -179,7 +200,14 @@ def quantize_assistant(acfg: AssistantConfig, a: Assistant, opts: ExportOptions)
 
 def metadata(cfg: Config, opts: ExportOptions, drafter: DraftSpec | None = None) -> dict[str, Any]:
     """Constant methods the ExecuTorch LLM runner reads (and g4's own: `get_draft_tokens`)."""
-    extra = {"get_draft_tokens": drafter.tokens} if drafter else {}
+    extra: dict[str, Any] = {"get_draft_tokens": drafter.tokens} if drafter else {}
+    if opts.vision and cfg.towers is not None and (v := cfg.towers.vision) is not None:
+        extra |= {  # what a runner needs to cut images into patches and lay out the prompt
+            "get_image_token_id": cfg.towers.image_token_id,
+            "get_patch_size": v.patch_size,
+            "get_pooling_kernel_size": v.pooling_kernel_size,
+            "get_max_soft_tokens": opts.max_soft_tokens,
+        }
     return extra | {
         "get_max_seq_len": opts.chunk,
         "get_max_context_len": opts.max_seq_len,
@@ -350,11 +378,17 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
                 prefer_deferred_runtime_asserts_over_guards=shim.drafter is not None,
             )
         }
-        if shim.drafter:  # the same module, so the same buffer names: ExecuTorch shares them across methods
-            shim.forward = shim.draft  # type: ignore[method-assign,assignment]
+        # Other methods of the same module keep the same buffer names: ExecuTorch shares them across methods.
+        # Example inputs are distinct tensors (torch.export aliases one object passed twice).
+        more: dict[str, tuple[Any, ...]] = {}
+        if shim.drafter:
+            more["draft"] = (tuple(torch.ones(s, dtype=torch.int64) for s in ((1, 1), (1,), (1,))), None)
+        if opts.vision:
+            more |= _vision_methods(shim, opts)
+        for name, (args, shapes) in more.items():
+            shim.forward = getattr(shim, name)  # type: ignore[method-assign]
             try:
-                ones = tuple(torch.ones(s, dtype=torch.int64) for s in ((1, 1), (1,), (1,)))  # distinct: not aliased
-                eps["draft"] = torch.export.export(shim, ones, strict=False)
+                eps[name] = torch.export.export(shim, args, dynamic_shapes=shapes, strict=False)
             finally:
                 del shim.forward
         eps = {name: ep.run_decompositions(DECOMPOSITIONS) for name, ep in eps.items()}
@@ -367,6 +401,7 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
         transform_passes=[InferOneViewDim()],
         constant_methods=metadata(shim.cfg, opts, shim.drafter),
     )
+    methods = len(eps)
     del eps
     freed = free_lowered(weights, [edge.exported_program(name) for name in edge.methods])
     trim_heap()
@@ -376,14 +411,34 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
         ExecutorchBackendConfig(
             extract_delegate_segments=True,
             do_quant_fusion_and_const_prop=True,  # dequantize+embedding -> quantized embedding kernels
-            # a drafter's method reads forward's cache buffers: one allocation for both
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=bool(shim.drafter)),
-            emit_mutable_buffer_names=bool(shim.drafter),
+            # a drafter's and a text_decoder method read forward's cache buffers: one allocation for all
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=methods > 1),
+            emit_mutable_buffer_names=methods > 1,
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         )
     )
     log(f"  to_executorch: {time.perf_counter() - t0:.1f} s{memory()}")
     return prog
+
+
+def _vision_methods(shim: Shim, opts: ExportOptions) -> dict[str, tuple[Any, ...]]:
+    """Example inputs and dynamic shapes of `vision_encoder` (up to `max_soft_tokens` per image) and
+    `text_decoder` (up to a chunk)."""
+    assert shim.cfg.towers is not None and shim.cfg.towers.vision is not None
+    v, n = shim.cfg.towers.vision, min(2, opts.chunk)
+    kk = v.pooling_kernel_size**2
+    N = kk * torch.export.Dim("soft", min=1, max=opts.max_soft_tokens)
+    T = torch.export.Dim("T", min=1, max=opts.chunk)
+    pixels = (torch.zeros(1, 2 * kk, 3 * v.patch_size**2), torch.zeros(1, 2 * kk, 2, dtype=torch.int64))
+    decoder = (
+        torch.zeros(1, n, dtype=torch.int64),
+        torch.arange(n),
+        torch.zeros(1, n, shim.cfg.hidden_size),
+    )
+    return {
+        "vision_encoder": (pixels, ({1: N}, {1: N})),
+        "text_decoder": (decoder, ({1: T}, {0: T}, {1: T})),
+    }
 
 
 def export_pte(
@@ -407,6 +462,8 @@ def export_pte(
         params = fuse(params, cfg)
     if drafter:
         check_drafter(opts, drafter.tokens)
+    if opts.vision:
+        check_vision(cfg, params, drafter)
     custom = opts.dtype == "fp32"
     shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=custom, kv_cache=opts.kv_cache, drafter=drafter)
     del params

@@ -14,7 +14,7 @@ import torch
 
 from g4.chat import stop_ids
 from g4.checkpoint import CheckpointError, load_assistant, load_checkpoint, read_config
-from g4.config import CONFIGS, Config
+from g4.config import CONFIGS, TOWERS, Config
 from g4.export import ExportOptions, Quantizer, check_drafter, export_pte, memory, quantize_assistant
 from g4.export.shim import DraftSpec
 from g4.params import build, init_value
@@ -67,8 +67,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for f in attrs.fields(ExportOptions):
         choices = f.metadata["choices"]
         if isinstance(f.default, bool):
-            off = f"turn off: {f.metadata['help']}"
-            ap.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=off)
+            flag, action = ("--no-", "store_false") if f.default else ("--", "store_true")
+            help = f"turn off: {f.metadata['help']}" if f.default else f.metadata["help"]
+            ap.add_argument(flag + f.name.replace("_", "-"), dest=f.name, action=action, help=help)
             continue
         ap.add_argument(
             "--" + f.name.replace("_", "-"),
@@ -150,6 +151,10 @@ def run(a: argparse.Namespace) -> int:
         tok_folder = ckpt if ckpt is not None else TINY if is_tiny(a.size) else None
         stops = stop_ids(tok_folder, cfg.eos_token_id)
         drafter = assistant(a, cfg, opts)
+        if opts.vision and ckpt is None:  # random weights: the size's tower
+            if a.size not in TOWERS:
+                raise UsageError(f"--vision: no vision tower for {a.size} ({', '.join(TOWERS)} have one)")
+            cfg = attrs.evolve(cfg, towers=TOWERS[a.size])
     except ValueError as e:  # GenerateError, ConfigError too
         raise UsageError(str(e)) from None
     tokenizers = [] if tok_folder is None else tokenizer_files(tok_folder, out, a.force)
@@ -159,7 +164,7 @@ def run(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if ckpt is not None:
         try:
-            cfg, weights = load_checkpoint(ckpt, dtype=None, transform=q, progress=True)
+            cfg, weights = load_checkpoint(ckpt, dtype=None, transform=q, progress=True, towers=opts.vision)
         except CheckpointError as e:
             raise UsageError(str(e)) from None
     else:
@@ -184,6 +189,11 @@ def run(a: argparse.Namespace) -> int:
         + f", embeddings {opts.embedding_quantize or 'none'}{'-bit' if opts.embedding_quantize else ''}, "
         f"kv {opts.kv_cache} | context {opts.max_seq_len}, prefill chunk {opts.chunk}"
         + (f" | drafter: up to {drafter.tokens} tokens a round" if drafter else "")
+        + (
+            f" | vision: up to {opts.max_soft_tokens} soft tokens an image, linear {opts.vision_quantize}"
+            if opts.vision
+            else ""
+        )
     )
     return 0
 

@@ -3,7 +3,8 @@
 It holds the parameter tree's leaves and the cache's as buffers, rebuilds both trees in
 `forward(tokens, input_pos)` and calls `g4.forward` with ExecuTorch's hooks (`g4.export.et`), which
 update the cache buffers in place. With an assistant it also holds the drafter's tree, and `draft`
-(a second method) reads the same cache buffers and the hidden states `forward` leaves behind.
+(a second method) reads the same cache buffers and the hidden states `forward` leaves behind. With a
+vision tower in the tree, `vision_encoder` and `text_decoder` follow ExecuTorch's Gemma 4 example.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from g4.export.et import draft_hooks, et_hooks, inplace_hooks, load_custom_ops, 
 from g4.fn.cache import Cache, init_cache, slot_positions
 from g4.fn.draft import draft_ring, draft_step, target_kv
 from g4.fn.model import embed, head, hidden_states
+from g4.fn.vision import embed_soft, encode
 from g4.params import Assistant, Params, leaves_with_path, tree_map_with_path
 
 KV_CACHES = ("fp32", "int8")
@@ -95,6 +97,23 @@ class Shim(nn.Module):
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         """Runs T tokens starting at position `input_pos[0]`; updates the cache buffers in place."""
+        return self._decode(tokens, input_pos)
+
+    def text_decoder(self, input_ids: Tensor, input_pos: Tensor, inputs_embeds: Tensor) -> Tensor:
+        """`forward` with `inputs_embeds [1, T, H]` at the image placeholders of `input_ids [1, T]` (the rest of
+        it is not read); `input_pos [T]`, from its first. ExecuTorch's Gemma 4 example's decoder method."""
+        return self._decode(input_ids, input_pos, inputs_embeds)
+
+    def vision_encoder(self, pixel_values: Tensor, pixel_position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """An image's soft tokens in the text width `[1, N/k^2, H]` and which are real `[1, N/k^2]` (a prefix),
+        from its patches `[1, N, 3 * patch**2]` and their (x, y) `[1, N, 2]`. The example's encoder method."""
+        t, params = self.cfg.towers, self.params()
+        assert t is not None and t.vision is not None
+        assert params.vision_tower is not None and params.embed_vision is not None
+        soft, real = encode(params.vision_tower, t.vision, pixel_values, pixel_position_ids)
+        return embed_soft(params.embed_vision, soft, t.vision.rms_norm_eps), real
+
+    def _decode(self, tokens: Tensor, input_pos: Tensor, embeds: Tensor | None = None) -> Tensor:
         T = tokens.shape[1]
         start = cast(int, input_pos[0].item())  # a SymInt under torch.export, bounded for the custom ops
         torch._check_is_size(start)
@@ -105,7 +124,12 @@ class Shim(nn.Module):
         rot = cast(Tensor, self.rot)
         hooks = et_hooks(start, T, rot, self.int8) if self.custom_ops else inplace_hooks(rot)
         last = self.drafter.tokens + 1 if self.drafter else 1
-        h, _ = hidden_states(params, self.cfg, tokens, positions, self.cache(), hooks=hooks, last=last)
+        soft = None
+        if embeds is not None:
+            assert self.cfg.towers is not None
+            where = tokens == self.cfg.towers.image_token_id
+            tokens, soft = torch.where(where, self.cfg.pad_token_id, tokens), (where, embeds)
+        h, _ = hidden_states(params, self.cfg, tokens, positions, self.cache(), hooks=hooks, last=last, soft=soft)
         logits = head(params, self.cfg, h)
         if not self.drafter:
             return logits[:, -1]

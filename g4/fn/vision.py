@@ -65,20 +65,25 @@ def encoder_layer(p: VisionLayer, vc: VisionConfig, h: Tensor, rope: tuple[Tenso
 
 
 def pool(h: Tensor, positions: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Average each k x k block of patches by position: `[B, N, Hv]` -> `[B, N/k^2, Hv]` (fp32) and which
-    outputs hold a patch `[B, N/k^2]`. Padding patches count at (0, 0) with zero states (as HF)."""
-    B, N, _ = h.shape
-    L = N // (k * k)
+    """Average each k x k block of patches by position: `[B, N, Hv]` -> `[B, N/k^2, Hv]` and which outputs
+    hold a patch `[B, N/k^2]`. Padding patches count at (0, 0) with zero states (as HF)."""
+    N = h.shape[1]
     pos = positions.clamp(min=0)
     width = pos[..., 0].max(-1, keepdim=True).values + 1  # patches per row, per image
     block = torch.div(pos, k, rounding_mode="floor")
     idx = block[..., 0] + torch.div(width, k, rounding_mode="floor") * block[..., 1]  # raster order of the blocks
-    w = F.one_hot(idx, L).float() / (k * k)  # [B, N, L]
+    w = (idx[..., None] == torch.arange(N // (k * k))).float() / (k * k)  # [B, N, L]: HF's one_hot / k^2
     return (w.transpose(1, 2) @ h.float()).to(h.dtype), (w != 0).any(1)
 
 
 def encode_images(t: VisionTower, vc: VisionConfig, pixel_values: Tensor, positions: Tensor) -> Tensor:
-    """Soft tokens `[n, Hv]` of every image, in order, padding dropped.
+    """Soft tokens `[n, Hv]` of every image, in order, padding dropped (`encode`'s real rows)."""
+    out, real = encode(t, vc, pixel_values, positions)
+    return out[real]
+
+
+def encode(t: VisionTower, vc: VisionConfig, pixel_values: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Soft tokens `[B, N/k^2, Hv]` and which are real `[B, N/k^2]` (the rest: blocks of padding only).
 
     pixel_values `[B, N, 3 * patch**2]` in [0, 1] (HF's processor output), positions `[B, N, 2]` (x, y),
     (-1, -1) for padding patches.
@@ -96,10 +101,10 @@ def encode_images(t: VisionTower, vc: VisionConfig, pixel_values: Tensor, positi
     for p in t.encoder.layers:
         h = encoder_layer(p, vc, h, rope, keys)
     h, real = pool(h.masked_fill(pad[..., None], 0.0), positions, k)
-    out = h.float()[real] * vc.hidden_size**0.5  # fp32: the scale can leave fp16's range
+    out = h.float() * vc.hidden_size**0.5  # fp32: the scale can leave fp16's range
     if t.std_bias is not None and t.std_scale is not None:
         out = (out - t.std_bias.float()) * t.std_scale.float()
-    return out.to(x.dtype)
+    return out.to(x.dtype), real
 
 
 def embed_soft(e: Embedder, x: Tensor, eps: float) -> Tensor:
