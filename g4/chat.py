@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
+from torch import Tensor
 
 from g4.generation import AnyDrafter, GenerateError, Generation, Model, Sampler, generate
 
@@ -177,6 +179,15 @@ class Chat:
     messages: list[Message] = attrs.field(factory=list)
     cached: list[int] = attrs.field(factory=list)  # tokens the model's cache holds, from position 0
     drafter: AnyDrafter | None = None  # speculative decoding
+    soft: Tensor | None = None  # the soft tokens of every image in the conversation, in order
+
+    def _soft(self, ids: list[int], start: int) -> Tensor | None:
+        """The soft tokens of the placeholders in `ids[start:]` (those before were fed with the cache)."""
+        v = self.model.vision
+        if v is None or self.soft is None:
+            return None
+        before, here = ids[:start].count(v.image_token_id), ids[start:].count(v.image_token_id)
+        return self.soft[before : before + here] if here else None
 
     def text(self) -> str:
         """The conversation as the template renders it, ending with the model's turn opener."""
@@ -194,9 +205,13 @@ class Chat:
         max_new_tokens: int,
         sampler: Sampler | None = None,
         on_token: Callable[[int], None] | None = None,
+        soft: Tensor | None = None,
     ) -> Generation:
-        """Adds `messages`, generates the model's reply and adds it to the conversation."""
+        """Adds `messages`, generates the model's reply and adds it to the conversation. `soft`: the soft
+        tokens of the images `messages` add (their placeholders are in the messages' text)."""
         self.messages += messages
+        if soft is not None:
+            self.soft = soft if self.soft is None else torch.cat([self.soft, soft])
         ids = self.prompt()
         n = len(self.cached)
         start = n if n < len(ids) and ids[:n] == self.cached else 0
@@ -208,6 +223,7 @@ class Chat:
             on_token=on_token,
             start=start,
             drafter=self.drafter,
+            soft=self._soft(ids, start),
         )
         self.cached = ids + list(g.ids[:-1])  # the last token was sampled, not fed
         reply = list(g.ids[:-1] if g.ids and g.ids[-1] in self.model.eos_ids else g.ids)

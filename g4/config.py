@@ -49,6 +49,7 @@ def _tuple(x: Iterable[Any]) -> tuple[Any, ...]:
 
 
 IMAGE_TOKEN_ID = 258_880  # `<|image|>`: the placeholder each soft token of an image replaces
+BOI_TOKEN_ID, EOI_TOKEN_ID = 255_999, 258_882  # `<|image>`, `<image|>`: around an image's placeholders
 
 
 @attrs.frozen(kw_only=True)
@@ -83,6 +84,8 @@ class Towers:
 
     vision: VisionConfig | None = None
     image_token_id: int = IMAGE_TOKEN_ID
+    boi_token_id: int = BOI_TOKEN_ID
+    eoi_token_id: int = EOI_TOKEN_ID
     # text_config.use_bidirectional_attention == "vision": on sliding layers, an image's soft tokens
     # also see the later soft tokens of the same image (full layers stay causal)
     bidirectional_vision: bool = False
@@ -439,6 +442,8 @@ TOWERS: dict[str, Towers] = {
             standardize=True,
         ),
         image_token_id=54,
+        boi_token_id=53,
+        eoi_token_id=55,
     ),
     "e2b": Towers(vision=VisionConfig(use_clipped_linears=True)),
     "e4b": Towers(vision=VisionConfig(use_clipped_linears=True)),

@@ -14,11 +14,13 @@ import attrs
 import torch
 from torch import Tensor
 
-from g4.config import AssistantConfig, Config
+from g4.config import BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID, AssistantConfig, Config, VisionConfig
 from g4.fn import cache as kv
 from g4.fn import init_cache
 from g4.fn.draft import draft_ring, draft_step, target_kv
 from g4.fn.model import embed, head, hidden_states
+from g4.fn.multimodal import image_features, merge
+from g4.image import DEFAULT_SOFT_TOKENS
 from g4.memory import no_mlock, page_on_demand
 from g4.params import Assistant, Params
 
@@ -51,6 +53,22 @@ def set_threads(n: int) -> None:
     if n < 1:
         raise GenerateError(f"threads must be >= 1, got {n}")
     runtime()._unsafe_reset_threadpool(n)
+
+
+@attrs.frozen
+class Vision:
+    """What a model with a vision tower takes: patches of `config`'s size, up to `max_soft_tokens` soft
+    tokens an image, each image written as `boi`, one `image_token_id` per soft token, `eoi`."""
+
+    config: VisionConfig
+    max_soft_tokens: int
+    image_token_id: int
+    boi_token_id: int
+    eoi_token_id: int
+
+    def placeholders(self, n: int) -> list[int]:
+        """The prompt ids of an image with `n` soft tokens."""
+        return [self.boi_token_id, *[self.image_token_id] * n, self.eoi_token_id]
 
 
 class PteModel:
@@ -97,16 +115,47 @@ class PteModel:
         self.draft_tokens = const("get_draft_tokens", 0)[0]
         self.method = prog.load_method("forward")
         self._draft = prog.load_method("draft") if self.draft_tokens else None
+        self.vision: Vision | None = None  # how images are cut and laid out, if the program has a vision tower
+        if "vision_encoder" in names:
+            ids = {"image_token_id": IMAGE_TOKEN_ID, "boi_token_id": BOI_TOKEN_ID, "eoi_token_id": EOI_TOKEN_ID}
+            get = {n: const(f"get_{n}", default)[0] for n, default in ids.items()}
+            patch, k = const("get_patch_size")[0], const("get_pooling_kernel_size")[0]
+            v = VisionConfig(patch_size=patch, pooling_kernel_size=k)  # the sizes preprocessing needs
+            self.vision = Vision(v, const("get_max_soft_tokens")[0], **get)
+        self._prog = prog
+        self._methods: dict[str, Any] = {}
 
-    def verify(self, tokens: Sequence[int], start: int, last: int | None = None) -> Tensor:
+    def _method(self, name: str) -> Any:
+        if name not in self._methods:  # loaded on first use: a text-only run never packs the tower's weights
+            self._methods[name] = self._prog.load_method(name)
+        return self._methods[name]
+
+    def encode(self, pixel_values: Tensor, positions: Tensor) -> Tensor:
+        """The soft tokens `[n, H]` of one image (`pixel_values [1, N, 3 * patch**2]`, `positions [1, N, 2]`)."""
+        emb, real = self._method("vision_encoder")([pixel_values.contiguous(), positions.contiguous()])
+        return emb[0][real[0]]
+
+    def verify(self, tokens: Sequence[int], start: int, last: int | None = None, soft: Tensor | None = None) -> Tensor:
         """Logits `[K, V]` of the last tokens fed at positions `start...` (in chunks the .pte accepts):
-        K = 1, or with a drafter min(T, 1 + N) of the last chunk's T (`last` is the program's own)."""
+        K = 1, or with a drafter min(T, 1 + N) of the last chunk's T (`last` is the program's own). `soft`:
+        soft tokens `[n, H]` for the image placeholders among `tokens`, in order (`text_decoder`)."""
         logits = None
+        embeds = None if soft is None else self._embeds(tokens, soft)
         for i in range(0, len(tokens), self.max_chunk):
             chunk = torch.tensor([list(tokens[i : i + self.max_chunk])], dtype=torch.int64)
-            logits = self.method([chunk, torch.tensor([start + i], dtype=torch.int64)])[0]
+            if embeds is None:
+                logits = self.method([chunk, torch.tensor([start + i], dtype=torch.int64)])[0]
+            else:
+                pos = torch.arange(start + i, start + i + chunk.shape[1])
+                logits = self._method("text_decoder")([chunk, pos, embeds[:, i : i + self.max_chunk].contiguous()])[0]
         assert logits is not None
         return logits.reshape(-1, logits.shape[-1])
+
+    def _embeds(self, tokens: Sequence[int], soft: Tensor) -> Tensor:
+        """`[1, T, H]`: the soft tokens at the placeholders, zeros elsewhere (the text_decoder's input)."""
+        assert self.vision is not None
+        where = torch.tensor([list(tokens)]) == self.vision.image_token_id
+        return soft.new_zeros(1, len(tokens), soft.shape[-1]).masked_scatter(where[..., None], soft)
 
     def step(self, tokens: Sequence[int], start: int) -> Tensor:
         """Logits `[V]` after feeding `tokens` at positions `start...`."""
@@ -134,20 +183,35 @@ class EagerModel:
         self.vocab_size, self.bos_id = cfg.vocab_size, cfg.bos_token_id
         self.eos_ids = tuple(eos_ids) or cfg.eos_token_id
         self.cache = self._empty()
+        t = cfg.towers
+        self.vision: Vision | None = None
+        if t is not None and t.vision is not None and params.vision_tower is not None:
+            self.vision = Vision(t.vision, DEFAULT_SOFT_TOKENS, t.image_token_id, t.boi_token_id, t.eoi_token_id)
 
     def _empty(self) -> kv.Cache:
         dtype = self.params.norm.dtype
         return init_cache(self.cfg, max_seq_len=self.max_context, dtype=dtype, max_chunk=self.ring)
 
-    def verify(self, tokens: Sequence[int], start: int, last: int | None = None) -> Tensor:
+    def encode(self, pixel_values: Tensor, positions: Tensor) -> Tensor:
+        """The soft tokens `[n, H]` of the images (`pixel_values [B, N, 3 * patch**2]`, `positions [B, N, 2]`)."""
+        with torch.no_grad():
+            return image_features(self.params, self.cfg, pixel_values, positions)
+
+    def verify(self, tokens: Sequence[int], start: int, last: int | None = None, soft: Tensor | None = None) -> Tensor:
         """Logits `[K, V]` (fp32) of the last K = min(T, `last`) tokens fed at `start...` (all T without
         `last`); their final hidden states stay in `hidden` `[K, H]` for a drafter. A call forgets what
-        the cache held from `start` on (rejected drafts)."""
+        the cache held from `start` on (rejected drafts). `soft`: the soft tokens of the image
+        placeholders among `tokens`, in order."""
         if start == 0:
             self.cache = self._empty()
         t, positions = torch.tensor([list(tokens)], dtype=torch.int64), torch.arange(start, start + len(tokens))
+        pair = blocks = None
+        if soft is not None:
+            t, pair, blocks = merge(self.params, self.cfg, t, soft)
         with torch.no_grad():
-            h, cache = hidden_states(self.params, self.cfg, t, positions, self.cache, last=last)
+            h, cache = hidden_states(
+                self.params, self.cfg, t, positions, self.cache, last=last, soft=pair, blocks=blocks
+            )
             logits = head(self.params, self.cfg, h)
         assert cache is not None
         self.cache, self.hidden = cache, h[0]
@@ -299,8 +363,9 @@ class Generation:
         return line
 
 
-def check_prompt(model: Model, prompt: Sequence[int], start: int) -> None:
-    """Raises GenerateError if `prompt` is empty, does not fit the context after `start`, or has bad ids."""
+def check_prompt(model: Model, prompt: Sequence[int], start: int, soft: Tensor | None = None) -> None:
+    """Raises GenerateError if `prompt` is empty, does not fit the context after `start`, has bad ids, or
+    image placeholders other than `soft`'s rows."""
     if not prompt:
         raise GenerateError("prompt is empty")
     if start + len(prompt) >= model.max_context:
@@ -309,6 +374,13 @@ def check_prompt(model: Model, prompt: Sequence[int], start: int) -> None:
         )
     if max(prompt) >= model.vocab_size or min(prompt) < 0:
         raise GenerateError(f"prompt token ids must be in [0, {model.vocab_size})")
+    if model.vision is None:
+        if soft is not None:
+            raise GenerateError("images: this model has no vision tower (export with --vision)")
+        return
+    n, want = prompt.count(model.vision.image_token_id), 0 if soft is None else soft.shape[0]
+    if n != want:
+        raise GenerateError(f"prompt has {n} image placeholder tokens for {want} soft tokens of its images")
 
 
 def generate(
@@ -321,20 +393,22 @@ def generate(
     keep_logits: bool = False,
     start: int = 0,
     drafter: AnyDrafter | None = None,
+    soft: Tensor | None = None,
 ) -> Generation:
     """Prefill `prompt` at positions `start...` (0: a new sequence; more: after what the model's cache
     holds), then sample up to `max_new_tokens`, stopping after a token in `stop` (default: the model's).
     With a `drafter`, decoding is speculative (`speculate`): the same tokens greedily, the same
-    distribution when sampling."""
+    distribution when sampling. `soft`: the soft tokens `[n, H]` of the images whose placeholders are in
+    `prompt` (`model.encode`)."""
     if drafter is not None:
         if keep_logits:
             raise GenerateError("drafting keeps no logits")
-        return speculate(model, drafter, prompt, max_new_tokens, sampler, stop, on_token, start)
-    check_prompt(model, prompt, start)
+        return speculate(model, drafter, prompt, max_new_tokens, sampler, stop, on_token, start, soft)
+    check_prompt(model, prompt, start, soft)
     stop = tuple(model.eos_ids if stop is None else stop)
     sample = sampler.make()
     t0 = time.perf_counter()
-    logits = model.step(prompt, start)
+    logits = model.verify(prompt, start, last=1, soft=soft)[-1]
     ids: list[int] = []
     kept: list[Tensor] = []
     t_first = time.perf_counter()
@@ -370,11 +444,12 @@ def speculate(
     stop: Sequence[int] | None = None,
     on_token: Callable[[int], None] | None = None,
     start: int = 0,
+    soft: Tensor | None = None,
 ) -> Generation:
     """`generate` with draft rounds: the drafter proposes N tokens, the target feeds the last token and
     the N drafts in one call, keeps the drafts it agrees with (`Sampler.make_verifier`) and adds its own
     next token; the next call forgets the rejected drafts."""
-    check_prompt(model, prompt, start)
+    check_prompt(model, prompt, start, soft)
     if isinstance(model, EagerModel) and model.ring < (need := draft_ring(model.cfg, drafter.tokens)):
         raise GenerateError(f"the target's cache needs ring={need} for drafting, has {model.ring}")
     stop = tuple(model.eos_ids if stop is None else stop)
@@ -389,7 +464,7 @@ def speculate(
         return token in stop or len(ids) >= max_new_tokens
 
     t0 = time.perf_counter()
-    logits = model.verify(prompt, start, last=1)  # the prompt's last logits (and hidden state)
+    logits = model.verify(prompt, start, last=1, soft=soft)  # the prompt's last logits (and hidden state)
     t_first = time.perf_counter()
     pos = start + len(prompt)
     drafted = accepted = steps = 0

@@ -9,7 +9,9 @@ import attrs
 from torch import Tensor
 
 from g4.config import (
+    BOI_TOKEN_ID,
     DRAFT_TOKENS,
+    EOI_TOKEN_ID,
     FULL,
     IMAGE_TOKEN_ID,
     SLIDING,
@@ -158,6 +160,8 @@ def towers_from_hf(d: Mapping[str, Any]) -> Towers:
     return Towers(
         vision=vision,
         image_token_id=int(d.get("image_token_id", IMAGE_TOKEN_ID)),
+        boi_token_id=int(d.get("boi_token_id", BOI_TOKEN_ID)),
+        eoi_token_id=int(d.get("eoi_token_id", EOI_TOKEN_ID)),
         bidirectional_vision=text.get("use_bidirectional_attention") == "vision",
     )
 
@@ -171,6 +175,8 @@ def towers_to_hf(t: Towers) -> dict[str, Any]:
         "vision_config": v | {"model_type": "gemma4_vision"},
         "audio_config": None,
         "image_token_id": t.image_token_id,
+        "boi_token_id": t.boi_token_id,
+        "eoi_token_id": t.eoi_token_id,
     }
 
 

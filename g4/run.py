@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
+import attrs
 import torch
 
 from g4 import chat
 from g4.checkpoint import CheckpointError, load_assistant, load_checkpoint
-from g4.config import CONFIGS, ConfigError
+from g4.config import CONFIGS, TOWERS, ConfigError
 from g4.generation import AnyDrafter, Drafter, EagerModel, GenerateError, PteDrafter, PteModel, Sampler, generate
+from g4.image import load_image, preprocess
 from g4.params import init_params
 
 TINY = Path(__file__).parent / "assets" / "tiny"  # the tiny model's tokenizer folder (Gemma 4-shaped)
@@ -54,6 +57,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="print the prompt text the model would be given (for other runners) and exit",
     )
+    ap.add_argument(
+        "--image", action="append", help="image file to put before the prompt (repeatable; a .pte exported --vision)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-k", type=int, default=0)
@@ -78,9 +84,14 @@ def eager_model(a: argparse.Namespace, max_context: int) -> tuple[EagerModel, Dr
     """The pure forward with --checkpoint or --size weights, and the --assistant drafter."""
     try:
         if a.checkpoint:
-            cfg, params = load_checkpoint(a.checkpoint)
+            cfg, params = load_checkpoint(a.checkpoint, towers=bool(a.image))
         elif a.size in CONFIGS:
-            cfg, params = CONFIGS[a.size], init_params(CONFIGS[a.size], seed=0)
+            cfg = CONFIGS[a.size]
+            if a.image:
+                if a.size not in TOWERS:
+                    raise GenerateError(f"--image: no vision tower for --size {a.size}")
+                cfg = attrs.evolve(cfg, towers=TOWERS[a.size])
+            params = init_params(cfg, seed=0)
         else:
             raise GenerateError("--eager/--compare need --checkpoint DIR or --size NAME (e.g. --size tiny)")
         drafter = None
@@ -119,6 +130,10 @@ def check_args(a: argparse.Namespace) -> None:
         (
             bool(a.assistant) and not a.no_draft and (not a.eager or a.compare),
             "--assistant drafts with --eager; a .pte drafts with the drafter exported into it (g4.export --assistant)",
+        ),
+        (
+            bool(a.image) and (a.tokens is not None or a.compare or a.render),
+            "--image goes with --prompt or --chat (not --tokens, --compare or --render)",
         ),
     ]
     for is_bad, message in bad:
@@ -172,19 +187,23 @@ def run(a: argparse.Namespace) -> int:
             raise GenerateError(f"--tokens must be comma-separated integers, got {a.tokens!r}") from None
         return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, None, a, drafter)
     tok = load_tokenizer(tok_path, model.vocab_size)
+    soft, image_ids = images(model, a.image or [])
     if not a.chat:
         if a.render:
             print(tok.id_to_token(model.bos_id) + a.prompt, end="")
             return 0
-        prompt = [model.bos_id, *tok.encode(a.prompt, add_special_tokens=False).ids]
-        return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, tok, a, drafter)
+        prompt = [model.bos_id, *image_ids, *tok.encode(a.prompt, add_special_tokens=False).ids]
+        if pte and eager:
+            return compare(pte, eager, prompt, a)
+        return complete(model, prompt, tok, a, drafter, soft)
     folder = tok_path.parent
     session = chat.Chat(
         model, tok, chat.template(folder), chat.special_tokens(folder), enable_thinking=a.think, drafter=drafter
     )
     first = ([{"role": "system", "content": a.system}] if a.system else []) + read_messages(a.messages)
+    pictures = "".join(tok.id_to_token(i) for i in image_ids)  # the images open the first user turn
     if a.prompt is not None or a.messages:
-        first += [{"role": "user", "content": a.prompt}] if a.prompt is not None else []
+        first += [{"role": "user", "content": pictures + a.prompt}] if a.prompt is not None else []
         if a.render:
             session.messages = first
             print(session.text(), end="")
@@ -192,11 +211,32 @@ def run(a: argparse.Namespace) -> int:
         if pte and eager:
             session.messages = first
             return compare(pte, eager, session.prompt(), a)
-        return turn(session, first, tok, a)
+        return turn(session, first, tok, a, soft)
     for line in sys.stdin:  # one user turn per line; the cache is kept between turns
-        turn(session, [*first, {"role": "user", "content": line.rstrip("\n")}], tok, a)
-        first = []
+        turn(session, [*first, {"role": "user", "content": pictures + line.rstrip("\n")}], tok, a, soft)
+        first, pictures, soft = [], "", None
     return 0
+
+
+def images(model: EagerModel | PteModel, paths: list[str]) -> tuple[torch.Tensor | None, list[int]]:
+    """The soft tokens `[n, H]` of the --image files, and their placeholder ids for the prompt."""
+    if not paths:
+        return None, []
+    v = model.vision
+    if v is None:
+        where = model.path if isinstance(model, PteModel) else "the eager model"
+        raise GenerateError(
+            f"--image: {where} has no vision tower (export with --vision; --eager: a multimodal checkpoint)"
+        )
+    try:
+        pixels, positions, counts = preprocess([load_image(p) for p in paths], v.config, v.max_soft_tokens)
+    except ValueError as e:
+        raise GenerateError(f"--image {e}") from None
+    t0 = time.perf_counter()
+    soft = torch.cat([model.encode(pixels[i : i + 1], positions[i : i + 1]) for i in range(len(paths))])
+    ms = (time.perf_counter() - t0) * 1e3 / len(paths)
+    print(f"vision: {len(paths)} image(s), {soft.shape[0]} soft tokens, {ms:.1f} ms per image", file=sys.stderr)
+    return soft, [i for n in counts for i in v.placeholders(n)]
 
 
 def read_messages(path: str | None) -> list[chat.Message]:
@@ -249,17 +289,21 @@ def complete(  # noqa: ANN001 (tok: tokenizers.Tokenizer or None)
     tok,
     a: argparse.Namespace,
     drafter: AnyDrafter | None = None,
+    soft: torch.Tensor | None = None,
 ) -> int:
     """Generates from prompt ids and prints the text (the ids without a tokenizer), then a stats line."""
-    g = generate(model, prompt, a.max_new_tokens, sampler(a), on_token=Printer(tok, a.show_thinking), drafter=drafter)
+    printer = Printer(tok, a.show_thinking)
+    g = generate(model, prompt, a.max_new_tokens, sampler(a), on_token=printer, drafter=drafter, soft=soft)
     print()
     print(g.stats, file=sys.stderr)
     return 0
 
 
-def turn(session: chat.Chat, messages: list[chat.Message], tok, a: argparse.Namespace) -> int:  # noqa: ANN001
+def turn(  # noqa: ANN001 (tok: tokenizers.Tokenizer)
+    session: chat.Chat, messages: list[chat.Message], tok, a: argparse.Namespace, soft: torch.Tensor | None = None
+) -> int:
     """One chat turn: the reply streamed, then a stats line with how many cached tokens were reused."""
-    g = session.reply(messages, a.max_new_tokens, sampler(a), Printer(tok, a.show_thinking))
+    g = session.reply(messages, a.max_new_tokens, sampler(a), Printer(tok, a.show_thinking), soft)
     reused = len(session.cached) - (len(g.ids) - 1) - g.prompt_tokens
     print()
     print(f"{g.stats} | {reused} cached tokens reused", file=sys.stderr)

@@ -204,6 +204,8 @@ def metadata(cfg: Config, opts: ExportOptions, drafter: DraftSpec | None = None)
     if opts.vision and cfg.towers is not None and (v := cfg.towers.vision) is not None:
         extra |= {  # what a runner needs to cut images into patches and lay out the prompt
             "get_image_token_id": cfg.towers.image_token_id,
+            "get_boi_token_id": cfg.towers.boi_token_id,
+            "get_eoi_token_id": cfg.towers.eoi_token_id,
             "get_patch_size": v.patch_size,
             "get_pooling_kernel_size": v.pooling_kernel_size,
             "get_max_soft_tokens": opts.max_soft_tokens,
