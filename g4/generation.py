@@ -20,7 +20,7 @@ from g4.fn import init_cache
 from g4.fn.draft import draft_ring, draft_step, target_kv
 from g4.fn.model import embed, head, hidden_states
 from g4.fn.multimodal import image_features, merge
-from g4.image import DEFAULT_SOFT_TOKENS
+from g4.image import SOFT_TOKENS
 from g4.memory import no_mlock, page_on_demand
 from g4.params import Assistant, Params
 
@@ -186,7 +186,7 @@ class EagerModel:
         t = cfg.towers
         self.vision: Vision | None = None
         if t is not None and t.vision is not None and params.vision_tower is not None:
-            self.vision = Vision(t.vision, DEFAULT_SOFT_TOKENS, t.image_token_id, t.boi_token_id, t.eoi_token_id)
+            self.vision = Vision(t.vision, max(SOFT_TOKENS), t.image_token_id, t.boi_token_id, t.eoi_token_id)
 
     def _empty(self) -> kv.Cache:
         dtype = self.params.norm.dtype

@@ -15,7 +15,7 @@ from g4 import chat
 from g4.checkpoint import CheckpointError, load_assistant, load_checkpoint
 from g4.config import CONFIGS, TOWERS, ConfigError
 from g4.generation import AnyDrafter, Drafter, EagerModel, GenerateError, PteDrafter, PteModel, Sampler, generate
-from g4.image import load_image, preprocess
+from g4.image import DEFAULT_SOFT_TOKENS, SOFT_TOKENS, load_image, preprocess
 from g4.params import init_params
 
 TINY = Path(__file__).parent / "assets" / "tiny"  # the tiny model's tokenizer folder (Gemma 4-shaped)
@@ -59,6 +59,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--image", action="append", help="image file to put before the prompt (repeatable; a .pte exported --vision)"
+    )
+    ap.add_argument(
+        "--max-soft-tokens",
+        type=int,
+        help="soft tokens an image may take (70..1120; default 280, or the .pte's most)",
     )
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -187,7 +192,7 @@ def run(a: argparse.Namespace) -> int:
             raise GenerateError(f"--tokens must be comma-separated integers, got {a.tokens!r}") from None
         return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, None, a, drafter)
     tok = load_tokenizer(tok_path, model.vocab_size)
-    soft, image_ids = images(model, a.image or [])
+    soft, image_ids = images(model, a.image or [], a.max_soft_tokens)
     if not a.chat:
         if a.render:
             print(tok.id_to_token(model.bos_id) + a.prompt, end="")
@@ -218,8 +223,8 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def images(model: EagerModel | PteModel, paths: list[str]) -> tuple[torch.Tensor | None, list[int]]:
-    """The soft tokens `[n, H]` of the --image files, and their placeholder ids for the prompt."""
+def images(model: EagerModel | PteModel, paths: list[str], budget: int | None) -> tuple[torch.Tensor | None, list[int]]:
+    """The soft tokens `[n, H]` of the --image files (at most `budget` each), and their placeholder ids."""
     if not paths:
         return None, []
     v = model.vision
@@ -228,8 +233,12 @@ def images(model: EagerModel | PteModel, paths: list[str]) -> tuple[torch.Tensor
         raise GenerateError(
             f"--image: {where} has no vision tower (export with --vision; --eager: a multimodal checkpoint)"
         )
+    budget = min(v.max_soft_tokens, DEFAULT_SOFT_TOKENS) if budget is None else budget
+    allowed = [n for n in SOFT_TOKENS if n <= v.max_soft_tokens]
+    if budget not in allowed:
+        raise GenerateError(f"--max-soft-tokens must be one of {allowed} for this model, got {budget}")
     try:
-        pixels, positions, counts = preprocess([load_image(p) for p in paths], v.config, v.max_soft_tokens)
+        pixels, positions, counts = preprocess([load_image(p) for p in paths], v.config, budget)
     except ValueError as e:
         raise GenerateError(f"--image {e}") from None
     t0 = time.perf_counter()

@@ -80,3 +80,13 @@ def pte_draft(tmp_path_factory):
     flags = ["--max-seq-len", str(CTX), "--max-chunk", str(CHUNK), "--assistant", str(asst), "--draft-tokens", "4"]
     assert export_main(["tiny", str(out), *flags]) == 0
     return out, asst
+
+
+@pytest.fixture(scope="session")
+def pte_vision(tmp_path_factory):
+    """tiny (seed 0) fp32 with the tiny vision tower: `vision_encoder` (up to 70 soft tokens an image) and
+    `text_decoder` beside `forward`."""
+    out = tmp_path_factory.mktemp("vision") / "tiny-vision.pte"
+    flags = ["--max-seq-len", "160", "--max-chunk", str(CHUNK), "--vision", "--max-soft-tokens", "70"]
+    assert export_main(["tiny", str(out), *flags]) == 0
+    return out

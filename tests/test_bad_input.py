@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_tokenizer import build as build_tokenizer
 
@@ -50,6 +51,10 @@ EXPORT = [
     (["tiny", "{out}", "--assistant", "{asst}", "--max-chunk", "4"], "1 + 4 draft tokens does not fit a prefill chunk"),
     (["tiny", "{out}", "--assistant", "{dir}"], "config.json: not found"),
     (["tiny-26b", "{out}", "--assistant", "{asst}"], "has head_dim 64 and 2 KV heads; the target's K/V there"),
+    (["tiny", "{out}", "--vision", "--dtype", "bf16"], "vision: the tower is exported with fp32 activations"),
+    (["tiny-31b", "{out}", "--vision"], "--vision: no vision tower for tiny-31b"),
+    (["tiny", "{out}", "--vision", "--assistant", "{asst}"], "vision: a program with a drafter takes no vision tower"),
+    (["{out}", "--checkpoint", "{ck}", "--vision"], "config.json: towers need a multimodal Gemma 4 config"),
 ]
 
 
@@ -118,6 +123,12 @@ RUN = [
         ["--eager", "--checkpoint", "{small}", "--assistant", "{asst}", "--tokens", "2"],
         "do not match the target's hidden_size 128 / vocab_size 256",
     ),
+    (["{pte}", "--image", "{tpl}", "--prompt", "hi"], "has no vision tower (export it with --vision)"),
+    (["--eager", "--size", "tiny", "--image", "{tpl}", "--prompt", "hi"], "tokenizer.json: not an image Pillow can"),
+    (["--eager", "--size", "tiny", "--image", "{tpl}", "--tokens", "2"], "--image goes with --prompt or --chat"),
+    (["--eager", "--size", "tiny-31b", "--image", "{tpl}", "--prompt", "hi"], "--image: no vision tower for --size"),
+    (["--eager", "--checkpoint", "{small}", "--image", "{tpl}", "--prompt", "hi"], "towers need a multimodal"),
+    (["{vpte}", "--image", "{png}", "--max-soft-tokens", "140", "--prompt", "hi"], "--max-soft-tokens must be one of"),
 ]
 
 
@@ -138,7 +149,9 @@ def tiny_assistant(tmp_path_factory):
 
 
 @pytest.mark.parametrize("args,message", RUN, ids=[" ".join(a) for a, _ in RUN])
-def test_run_bad_input(tmp_path, pte_fp32, pte_draft, small_vocab_ck, tiny_assistant, capsys, args, message):
+def test_run_bad_input(
+    tmp_path, pte_fp32, pte_draft, pte_vision, small_vocab_ck, tiny_assistant, capsys, args, message
+):
     build_tokenizer().save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no system role') }}")
     (tmp_path / "notjson.json").write_text("[{")
@@ -156,7 +169,10 @@ def test_run_bad_input(tmp_path, pte_fp32, pte_draft, small_vocab_ck, tiny_assis
         notlist=tmp_path / "notlist.json",
         badcfg=tmp_path / "cfg" / "tokenizer.json",
         asst=tiny_assistant,
+        vpte=pte_vision,
+        png=tmp_path / "image.png",
     )
+    Image.new("RGB", (20, 12)).save(tmp_path / "image.png")
     assert run_main([a.format(**fill) for a in args]) == 2
     ours = capsys.readouterr().err.strip().splitlines()
     err = [ln for ln in ours if not ln.startswith("[cpuinfo")]  # ExecuTorch's runtime logs its first CPU probe

@@ -224,3 +224,69 @@ def test_bad_image_inputs_name_the_argument(case):
         multimodal_logits(text, cfg, ids, pixel_values=pixels, image_position_ids=pos)
     with pytest.raises(ValueError, match=r"cfg: no towers"):
         multimodal_logits(params, attrs.evolve(cfg, towers=None), ids)
+
+
+# --- the .pte (`g4.export --vision`) ----------------------------------------------------------------------
+
+PTE_TOL = 1e-5  # fp32 .pte vs eager: XNNPACK's GEMMs and ExecuTorch's attention round differently
+
+
+def tiny_vision():
+    """The weights `python -m g4.export tiny --vision` draws (seed 0)."""
+    cfg = attrs.evolve(g4.CONFIGS["tiny"], towers=TOWERS)
+    return cfg, g4.init_params(cfg, seed=0)
+
+
+def test_pte_vision_encoder_equals_eager(pte_vision):
+    pte, (cfg, params) = g4.PteModel(pte_vision), tiny_vision()
+    for i, (h, w) in enumerate([(6, 9), (9, 9), (3, 3), (21, 30)]):  # padded, full, one block, 70 soft tokens
+        n = max(MAX_PATCHES, h * w)
+        pixels, pos = batch(image(h, w, i) if n == MAX_PATCHES else full(h, w, i))
+        got, want = pte.encode(pixels, pos), image_features(params, cfg, pixels, pos)
+        assert got.shape == want.shape == (h * w // 9, cfg.hidden_size)
+        assert (got - want).abs().max() <= PTE_TOL * want.abs().max()
+
+
+def full(h, w, seed):
+    """An h x w-patch image without padding."""
+    pixels = torch.rand(h * w, 3 * VISION.patch_size**2, generator=torch.Generator().manual_seed(seed))
+    gx, gy = torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy")
+    return pixels, torch.stack([gx, gy], -1).reshape(h * w, 2)
+
+
+@torch.no_grad()
+def test_pte_image_prompt_generates_as_eager(pte_vision):
+    # The image's placeholders straddle a prefill chunk boundary (20): text_decoder feeds both chunks, then
+    # forward decodes on the cache text_decoder wrote.
+    pte, (cfg, params) = g4.PteModel(pte_vision), tiny_vision()
+    eager = g4.EagerModel(cfg, params, max_context=160)
+    pixels, pos = batch(image(6, 9, 0))
+    prompt = [2, *range(20, 35), *pte.vision.placeholders(6), 9, 10]  # soft tokens at positions 17..22
+    got = g4.generate(pte, prompt, 24, soft=pte.encode(pixels, pos), stop=(), keep_logits=True)
+    want = g4.generate(eager, prompt, 24, soft=eager.encode(pixels, pos), stop=(), keep_logits=True)
+    assert got.ids == want.ids and len(got.ids) == 24
+    for a, b in zip(got.logits, want.logits, strict=True):
+        assert (a - b).abs().max() <= PTE_TOL * b.abs().max()
+    # and the eager prefill is the no-cache forward with the image (multimodal_logits)
+    ref = multimodal_logits(params, cfg, torch.tensor([prompt]), pixel_values=pixels, image_position_ids=pos)
+    assert (want.logits[0] - ref[0, -1]).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_g4_run_with_an_image_on_the_pte_and_eager(pte_vision, tmp_path, capsys):
+    from PIL import Image
+
+    from g4.run import main as run_main
+
+    Image.fromarray((torch.rand(30, 44, 3) * 255).byte().numpy()).save(tmp_path / "photo.png")
+    out = {}
+    for name, args in {
+        "pte": [str(pte_vision)],
+        "eager": ["--eager", "--size", "tiny", "--max-seq-len", "160", "--max-soft-tokens", "70"],
+        "chat": [str(pte_vision), "--chat"],
+    }.items():
+        assert run_main([*args, "--image", str(tmp_path / "photo.png"), "--prompt", "hi", "--max-new-tokens", "8"]) == 0
+        o = capsys.readouterr()
+        assert "vision: 1 image(s), 60 soft tokens" in o.err, o.err  # 72 x 120 pixels: 6 x 10 blocks
+        assert "| 8 tokens |" in o.err, o.err
+        out[name] = o.out
+    assert out["pte"] == out["eager"]  # the same text (random weights: mostly newlines)
