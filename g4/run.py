@@ -228,10 +228,9 @@ def images(model: EagerModel | PteModel, paths: list[str], budget: int | None) -
     if not paths:
         return None, []
     v = model.vision
-    if v is None:
-        where = model.path if isinstance(model, PteModel) else "the eager model"
+    if v is None:  # (an eager model without one stopped at loading)
         raise GenerateError(
-            f"--image: {where} has no vision tower (export with --vision; --eager: a multimodal checkpoint)"
+            f"--image: {getattr(model, 'path', 'the model')} has no vision tower (export it with --vision)"
         )
     budget = min(v.max_soft_tokens, DEFAULT_SOFT_TOKENS) if budget is None else budget
     allowed = [n for n in SOFT_TOKENS if n <= v.max_soft_tokens]

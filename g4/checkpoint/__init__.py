@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
-from g4.config import AssistantConfig, Config, ConfigError
+from g4.config import AssistantConfig, Config, ConfigError, Towers
 from g4.hf import (
     MM_IGNORED,
     MM_PREFIX,
@@ -68,6 +68,11 @@ class CheckpointError(ValueError):
 def read_config(path: str | os.PathLike) -> Config:
     """The `Config` of a checkpoint folder's `config.json`."""
     return _read_json(Path(path) / "config.json", config_from_hf)
+
+
+def read_towers(path: str | os.PathLike) -> Towers:
+    """The towers of a multimodal checkpoint folder's `config.json`."""
+    return _read_json(Path(path) / "config.json", towers_from_hf)
 
 
 def _read_json(file: Path, parse: Callable[[Any], T]) -> T:
@@ -213,7 +218,7 @@ def load_checkpoint(
         raise CheckpointError(f"{folder}: not a directory")
     cfg = read_config(folder)
     if towers:
-        cfg = attrs.evolve(cfg, towers=_read_json(folder / "config.json", towers_from_hf))
+        cfg = attrs.evolve(cfg, towers=read_towers(folder))
     r = _Reader(_shards(folder))
     prefix = MM_PREFIX if any(k.startswith(MM_PREFIX) for k in r.where) else TEXT_PREFIX
     shapes = {hf_key(p, prefix): s for p, s in param_shapes(cfg).items()}

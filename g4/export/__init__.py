@@ -170,10 +170,10 @@ def check_drafter(opts: ExportOptions, tokens: int) -> None:
         raise ValueError(f"a verify step of 1 + {tokens} draft tokens does not fit a prefill chunk of {opts.chunk}")
 
 
-def check_vision(cfg: Config, params: Params, drafter: DraftSpec | None) -> None:
-    """Raises ValueError unless the vision tower can go into the program."""
+def check_vision(cfg: Config, params: Params | None, drafter: DraftSpec | None) -> None:
+    """Raises ValueError unless the vision tower (of `params`, if given) can go into the program."""
     t = cfg.towers
-    if t is None or t.vision is None or params.vision_tower is None:
+    if t is None or t.vision is None or (params is not None and params.vision_tower is None):
         raise ValueError("vision: the model has no vision tower (a multimodal checkpoint, loaded with towers=True)")
     if t.bidirectional_vision:
         raise ValueError("vision: bidirectional image attention (use_bidirectional_attention 'vision') is not exported")

@@ -13,9 +13,17 @@ import attrs
 import torch
 
 from g4.chat import stop_ids
-from g4.checkpoint import CheckpointError, load_assistant, load_checkpoint, read_config
+from g4.checkpoint import CheckpointError, load_assistant, load_checkpoint, read_config, read_towers
 from g4.config import CONFIGS, TOWERS, Config
-from g4.export import ExportOptions, Quantizer, check_drafter, export_pte, memory, quantize_assistant
+from g4.export import (
+    ExportOptions,
+    Quantizer,
+    check_drafter,
+    check_vision,
+    export_pte,
+    memory,
+    quantize_assistant,
+)
 from g4.export.shim import DraftSpec
 from g4.params import build, init_value
 from g4.run import TINY
@@ -145,16 +153,20 @@ def run(a: argparse.Namespace) -> int:
     try:
         opts = ExportOptions(**{f.name: getattr(a, f.name) for f in attrs.fields(ExportOptions)})
         cfg, ckpt, source = weights_source(a)
+        if opts.vision and ckpt is None:  # random weights: the size's tower
+            if a.size not in TOWERS:
+                raise UsageError(f"--vision: no vision tower for {a.size} ({', '.join(TOWERS)} have one)")
+            cfg = attrs.evolve(cfg, towers=TOWERS[a.size])
+        elif opts.vision and ckpt is not None:  # fail before any weight is read
+            cfg = attrs.evolve(cfg, towers=read_towers(ckpt))
         opts.check(cfg)  # e.g. an int4 group size that does not divide a width of this config
         # The tokenizer travels with the .pte: the checkpoint's, or the tiny model's (random E2B/E4B weights
         # have none). The runners stop at the .pte's eos ids: Gemma 4's end of turn and tool-call stops too.
         tok_folder = ckpt if ckpt is not None else TINY if is_tiny(a.size) else None
         stops = stop_ids(tok_folder, cfg.eos_token_id)
         drafter = assistant(a, cfg, opts)
-        if opts.vision and ckpt is None:  # random weights: the size's tower
-            if a.size not in TOWERS:
-                raise UsageError(f"--vision: no vision tower for {a.size} ({', '.join(TOWERS)} have one)")
-            cfg = attrs.evolve(cfg, towers=TOWERS[a.size])
+        if opts.vision:
+            check_vision(cfg, None, drafter)
     except ValueError as e:  # GenerateError, ConfigError too
         raise UsageError(str(e)) from None
     tokenizers = [] if tok_folder is None else tokenizer_files(tok_folder, out, a.force)
