@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -89,6 +90,29 @@ def layout(pte: str | Path) -> dict[str, int]:
         "xnnpack_weights": sum(s.size for i, s in enumerate(prog.segments) if i in named),
         "memory_plan": sum(plan.non_const_buffer_sizes),
     }
+
+
+ELEMENT_BYTES = {0: 1, 1: 1, 3: 4, 4: 8, 6: 4, 11: 1, 15: 2}  # ExecuTorch scalar types: u8 i8 i32 i64 f32 bool bf16
+
+
+def largest_planned(pte: str | Path, n: int = 6) -> list[dict]:
+    """The decoder method's largest planned tensors (activations, caches, masks): shape, dtype code, MiB, and
+    how many tensors of that shape the plan holds."""
+    from collections import Counter
+
+    from executorch.exir._serialize._flatbuffer_program import _flatbuffer_to_program
+    from executorch.exir._serialize._program import _ExtendedHeader
+
+    with open(pte, "rb") as f:
+        head = _ExtendedHeader.from_bytes(f.read(64)[8:])
+        f.seek(0)
+        prog = _flatbuffer_to_program(f.read(head.program_size))
+    plan = next(p for p in prog.execution_plan if p.name in ("forward", "text_decoder"))
+    planned = [v.val for v in plan.values if getattr(v.val, "allocation_info", None) is not None]
+    count = Counter((tuple(t.sizes), int(t.scalar_type)) for t in planned)
+    size = {k: math.prod(k[0]) * ELEMENT_BYTES.get(k[1], 4) for k in count}
+    top = sorted(count, key=lambda k: -size[k])[:n]
+    return [{"shape": list(k[0]), "dtype": k[1], "mib": size[k] / 2**20, "count": count[k]} for k in top]
 
 
 def measure(

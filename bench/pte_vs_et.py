@@ -257,6 +257,13 @@ def versions() -> dict:
     }
 
 
+def largest_planned(path: Path) -> list[dict]:
+    """The decoder method's largest planned tensors (`bench/memory.py`)."""
+    from memory import largest_planned as largest
+
+    return largest(path)
+
+
 def memory_plan(path: Path) -> int:
     """Bytes of the decoder method's memory plan (activations, KV caches, masks: one arena, held while loaded)."""
     from memory import layout
@@ -321,6 +328,7 @@ def main() -> None:
     for (kind, q), row in rows.items():
         if not any("error" in e for e in row["exports"]):
             row["pte_bytes"], row["plan_bytes"] = pte(kind, q).stat().st_size, memory_plan(pte(kind, q))
+            row["plan_largest"] = largest_planned(pte(kind, q))
     gen = torch.Generator().manual_seed(1)
     seqs = torch.randint(3, cfg.vocab_size, (ACCURACY_SEQS, ACCURACY_LEN), generator=gen).tolist()
     ref_path = work / "reference.npy"
