@@ -290,3 +290,16 @@ def test_g4_run_with_an_image_on_the_pte_and_eager(pte_vision, tmp_path, capsys)
         assert "| 8 tokens |" in o.err, o.err
         out[name] = o.out
     assert out["pte"] == out["eager"]  # the same text (random weights: mostly newlines)
+
+
+def test_cli_writes_a_random_checkpoint_with_the_vision_tower(tmp_path, capsys):
+    from g4.checkpoint.__main__ import main as checkpoint_main
+
+    assert checkpoint_main(["random", "tiny", str(tmp_path / "ck"), "--vision", "--dtype", "float32"]) == 0
+    cfg, params = g4.load_checkpoint(tmp_path / "ck", towers=True)
+    assert cfg.towers == TOWERS and params.vision_tower is not None
+    assert checkpoint_main(["random", "tiny-31b", str(tmp_path / "no"), "--vision"]) == 2
+    assert (
+        capsys.readouterr().err.strip().endswith("error: --vision: no vision tower for tiny-31b (have: tiny, e2b, e4b)")
+    )
+    assert not (tmp_path / "no").exists()

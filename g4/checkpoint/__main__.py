@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+import attrs
 import torch
 
 from g4.checkpoint import write_random_assistant, write_random_checkpoint
-from g4.config import ASSISTANTS, CONFIGS
+from g4.config import ASSISTANTS, CONFIGS, TOWERS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,21 +23,27 @@ def main(argv: list[str] | None = None) -> int:
     rnd.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     rnd.add_argument("--max-shard-gb", type=float, default=4.0)
     rnd.add_argument("--assistant", action="store_true", help="the size's assistant drafter (fp32) instead")
+    rnd.add_argument("--vision", action="store_true", help="the hub's multimodal layout with the size's vision tower")
     a = ap.parse_args(argv)
     if a.assistant and a.size not in ASSISTANTS:
         print(f"error: --assistant: no assistant for {a.size} (have: {', '.join(ASSISTANTS)})", file=sys.stderr)
         return 2
+    if a.vision and a.size not in TOWERS:
+        print(f"error: --vision: no vision tower for {a.size} (have: {', '.join(TOWERS)})", file=sys.stderr)
+        return 2
+    cfg = attrs.evolve(CONFIGS[a.size], towers=TOWERS[a.size]) if a.vision else CONFIGS[a.size]
     try:
         out = (
             write_random_assistant(ASSISTANTS[a.size], a.dir, a.seed)
             if a.assistant
             else write_random_checkpoint(
-                CONFIGS[a.size],
+                cfg,
                 a.dir,
                 seed=a.seed,
                 dtype=getattr(torch, a.dtype),
                 max_shard_bytes=int(a.max_shard_gb * (1 << 30)),
                 progress=True,
+                multimodal=a.vision,
             )
         )
     except OSError as e:
