@@ -21,6 +21,7 @@ from g4.export.et import draft_hooks, et_hooks, inplace_hooks, load_custom_ops, 
 from g4.fn.cache import Cache, init_cache, slot_positions
 from g4.fn.draft import draft_ring, draft_step, target_kv
 from g4.fn.model import embed, head, hidden_states
+from g4.fn.multimodal import placeholders
 from g4.fn.vision import embed_soft, encode
 from g4.params import Assistant, Params, leaves_with_path, tree_map_with_path
 
@@ -126,9 +127,8 @@ class Shim(nn.Module):
         last = self.drafter.tokens + 1 if self.drafter else 1
         soft = None
         if embeds is not None:
-            assert self.cfg.towers is not None
-            where = tokens == self.cfg.towers.image_token_id
-            tokens, soft = torch.where(where, self.cfg.pad_token_id, tokens), (where, embeds)
+            tokens, where = placeholders(self.cfg, tokens)
+            soft = where, embeds
         h, _ = hidden_states(params, self.cfg, tokens, positions, self.cache(), hooks=hooks, last=last, soft=soft)
         logits = head(params, self.cfg, h)
         if not self.drafter:

@@ -36,17 +36,24 @@ def image_blocks(is_image: Tensor) -> Tensor:
     return torch.where(is_image, start.cumsum(1) - 1, -1)
 
 
+def placeholders(cfg: Config, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The ids with `<pad>` at the image placeholders (HF embeds those, then overwrites them) and where
+    they are `[B, T]`."""
+    assert cfg.towers is not None
+    where = input_ids == cfg.towers.image_token_id
+    return torch.where(where, cfg.pad_token_id, input_ids), where
+
+
 def merge(
     params: Params, cfg: Config, input_ids: Tensor, features: Tensor | None
 ) -> tuple[Tensor, Soft | None, Tensor | None]:
     """Tokens with pad at the placeholders, the soft tokens there, and the image blocks if attended both ways."""
     assert cfg.towers is not None
-    is_image = input_ids == cfg.towers.image_token_id
+    tokens, is_image = placeholders(cfg, input_ids)
     n = int(is_image.sum())
     if n != (0 if features is None else features.shape[0]):
         got = "no image" if features is None else f"{features.shape[0]} soft tokens"
         raise ValueError(f"input_ids: {n} image placeholder tokens, but the images give {got}")
-    tokens = torch.where(is_image, cfg.pad_token_id, input_ids)
     if features is None:
         return tokens, None, None
     H = params.embed_tokens.shape[1]
