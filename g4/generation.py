@@ -14,7 +14,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from g4.config import BOI_TOKEN_ID, EOI_TOKEN_ID, IMAGE_TOKEN_ID, AssistantConfig, Config, VisionConfig
+from g4.config import AssistantConfig, Config, VisionConfig
 from g4.fn import cache as kv
 from g4.fn import init_cache
 from g4.fn.draft import draft_ring, draft_step, target_kv
@@ -71,6 +71,10 @@ class Vision:
         return [self.boi_token_id, *[self.image_token_id] * n, self.eoi_token_id]
 
 
+# What a runner needs of a vision program to cut images and lay out prompts (`get_` constant methods).
+VISION_META = ("max_soft_tokens", "image_token_id", "boi_token_id", "eoi_token_id", "patch_size", "pooling_kernel_size")
+
+
 class PteModel:
     """A .pte that follows ExecuTorch's LLM-runner conventions: `forward(tokens [1, T], input_pos [1])`.
 
@@ -117,11 +121,12 @@ class PteModel:
         self._draft = prog.load_method("draft") if self.draft_tokens else None
         self.vision: Vision | None = None  # how images are cut and laid out, if the program has a vision tower
         if "vision_encoder" in names:
-            ids = {"image_token_id": IMAGE_TOKEN_ID, "boi_token_id": BOI_TOKEN_ID, "eoi_token_id": EOI_TOKEN_ID}
-            get = {n: const(f"get_{n}", default)[0] for n, default in ids.items()}
-            patch, k = const("get_patch_size")[0], const("get_pooling_kernel_size")[0]
-            v = VisionConfig(patch_size=patch, pooling_kernel_size=k)  # the sizes preprocessing needs
-            self.vision = Vision(v, const("get_max_soft_tokens")[0], **get)
+            meta = {n: const(f"get_{n}") for n in VISION_META}
+            if absent := [f"get_{n}" for n, v in meta.items() if not v]:
+                raise GenerateError(f"{path}: a vision_encoder without {', '.join(absent)} (export it again)")
+            m = {n: v[0] for n, v in meta.items()}
+            v = VisionConfig(patch_size=m.pop("patch_size"), pooling_kernel_size=m.pop("pooling_kernel_size"))
+            self.vision = Vision(v, **m)
         self._prog = prog
         self._methods: dict[str, Any] = {}
 
