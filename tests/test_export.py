@@ -173,9 +173,10 @@ def test_cli_takes_its_options_from_export_options():
     assert ExportOptions(**{f.name: getattr(a, f.name) for f in attrs.fields(ExportOptions)}) == ExportOptions()
     help_text = cli("--help").stdout
     for f in attrs.fields(ExportOptions):
-        flag = ("--no-" if isinstance(f.default, bool) else "--") + f.name.replace("_", "-")
+        flag = ("--no-" if f.default is True else "--") + f.name.replace("_", "-")
         assert flag in help_text
     assert parse(["x.pte", "--no-lean"]).lean is False
+    assert parse(["x.pte"]).vision is False and parse(["x.pte", "--vision"]).vision is True  # off by default
     a = parse(["tiny", "x.pte", "--kv-cache", "int8", "--embedding-quantize", "4", "--max-chunk", "64"])
     assert (a.size, a.kv_cache, a.embedding_quantize, a.max_chunk) == ("tiny", "int8", 4, 64)
 
