@@ -148,6 +148,24 @@ def test_tiny_model(golden, params):
     }
 
 
+def test_tiny_vision(golden):
+    # The tiny vision tower: an image's soft tokens and the logits of a prompt around it.
+    from g4.fn.multimodal import image_features, multimodal_logits
+
+    towers = g4.config.TOWERS["tiny"]
+    cfg = attrs.evolve(CFG, towers=towers)
+    params = g4.init_params(cfg, seed=0)
+    h, w, n = 6, 9, 81  # patches: 6 rows of 9, padded to 81 (6 soft tokens)
+    pixels = torch.rand(1, n, 48, generator=torch.Generator().manual_seed(0))
+    gx, gy = torch.meshgrid(torch.arange(w), torch.arange(h), indexing="xy")
+    pos = torch.cat([torch.stack([gx, gy], -1).reshape(h * w, 2), torch.full((n - h * w, 2), -1)])[None]
+    ids = torch.tensor([[2, 5, towers.boi_token_id, *[towers.image_token_id] * 6, towers.eoi_token_id, 9, 10]])
+    with torch.no_grad():
+        soft = image_features(params, cfg, pixels, pos)
+        logits = multimodal_logits(params, cfg, ids, pixel_values=pixels, image_position_ids=pos)
+    assert golden == {"soft_tokens": Approx(soft), "logits": Approx(logits), "argmax": logits.argmax(-1)}
+
+
 def test_tiny_26b_model(golden):
     # The 26B-A4B kind (experts, values from keys on full layers): logits and routing locked.
     from g4.fn.moe import route
