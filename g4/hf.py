@@ -26,6 +26,7 @@ from g4.params import CLIP_BOUNDS, KV_WEIGHTS, TOWERS, Params, leaves_with_path
 TEXT_PREFIX = "model."  # Gemma4ForCausalLM
 MM_PREFIX = "model.language_model."  # Gemma4ForConditionalGeneration (hub -it and base checkpoints)
 MM_IGNORED = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+VISION_PREFIXES = ("model.vision_tower.", "model.embed_vision.")  # loaded with towers=True, then checked
 # KV-shared layers still carry these in hub checkpoints; the reference never uses them.
 SHARED_KV_IGNORED = tuple(p + ".weight" for p in KV_WEIGHTS)
 

@@ -194,6 +194,21 @@ def test_random_multimodal_checkpoint_loads_in_transformers(tmp_path):
     assert torch.equal(got, hf_logits(model.eval(), ids, pixels, pos))
 
 
+def test_an_unexpected_vision_tensor_is_an_error_with_towers(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    g4.write_random_checkpoint(config(False), tmp_path, dtype=torch.float32, multimodal=True)
+    shard = next(tmp_path.glob("*.safetensors"))
+    save_file(load_file(shard) | {"model.vision_tower.extra": torch.zeros(2)}, shard)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(
+        index.read_text().replace('"weight_map": {', f'"weight_map": {{"model.vision_tower.extra": "{shard.name}", ')
+    )
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model.vision_tower.extra'"):
+        g4.load_checkpoint(tmp_path, towers=True)
+    g4.load_checkpoint(tmp_path)  # text only: the towers' tensors are not looked at
+
+
 def test_towers_of_a_text_only_checkpoint_is_an_error(tmp_path):
     g4.write_random_checkpoint(g4.CONFIGS["tiny"], tmp_path, dtype=torch.float32)
     with pytest.raises(CheckpointError, match=r"config\.json: towers need a multimodal"):

@@ -31,6 +31,7 @@ from g4.hf import (
     MM_PREFIX,
     SHARED_KV_IGNORED,
     TEXT_PREFIX,
+    VISION_PREFIXES,
     assistant_config_from_hf,
     assistant_config_to_hf,
     assistant_name,
@@ -228,7 +229,8 @@ def load_checkpoint(
     }
     ignorable |= {f"{prefix}layers.{i}.self_attn.v_norm.weight" for i in range(cfg.num_hidden_layers)}
     if prefix == MM_PREFIX:
-        ignorable |= {k for k in r.where if k.startswith(MM_IGNORED) and k not in shapes}
+        skipped = tuple(p for p in MM_IGNORED if not (towers and p.startswith(VISION_PREFIXES)))
+        ignorable |= {k for k in r.where if k.startswith(skipped)}
     _check_names(folder, r, shapes, ignorable, prefix + "embed_tokens.weight")
 
     bar = tqdm(total=len(shapes), desc="load", unit="tensor", disable=not progress, file=sys.stderr)
