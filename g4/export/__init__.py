@@ -352,8 +352,10 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     weights = dict(leaves_with_path(shim.params()))
     if shim.drafter:
         weights |= {f"draft.{p}": t for p, t in leaves_with_path(shim.drafter.params)}
-    # Lookup tables run in portable kernels and are never packed; quantized linears are freed once packed.
-    linear = [t for path, t in weights.items() if path not in EMBEDDING_TABLES and hasattr(t, "qdata")]
+    # Lookup tables run in portable kernels and are never packed; quantized linears are freed once packed,
+    # the decoder's by both its methods with a vision tower (forward and text_decoder).
+    uses = {p: 2 if opts.vision and not p.startswith(TOWERS) else 1 for p in weights}
+    linear = {id(t): (t, uses[p]) for p, t in weights.items() if p not in EMBEDDING_TABLES and hasattr(t, "qdata")}
     with lean_lowering(linear, on=opts.lean):
         return _lower(shim, opts, log, list(weights.values()))
 

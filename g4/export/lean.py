@@ -175,10 +175,11 @@ def weights_not_copied_for_xnnpack() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def freed_once_packed(weights: list[torch.Tensor]) -> Iterator[None]:
-    """Frees each of `weights` (quantized linear weights) as soon as XNNPACK has copied it into its
-    delegate blob, instead of after all of lowering: the int8 copy and the packed one then never
-    coexist for the whole model."""
+def freed_once_packed(weights: dict[int, tuple[torch.Tensor, int]]) -> Iterator[None]:
+    """Frees each of `weights` (quantized linear weights, by id: `(weight, uses)`) as soon as XNNPACK has
+    copied it into its delegate blob `uses` times (once per method that reads it: a decoder exported as
+    two methods reads each twice), instead of after all of lowering: the int8 copy and the packed one
+    then never coexist for the whole model."""
     from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
     from executorch.backends.xnnpack.utils.utils import get_param_tensor, is_param_node
 
@@ -187,7 +188,7 @@ def freed_once_packed(weights: list[torch.Tensor]) -> Iterator[None]:
     if not _ok("freed_once_packed") or "quant_params" not in sig.parameters:
         yield
         return
-    ours = {t.untyped_storage().data_ptr() for w in weights for t in plain(w)}
+    left = {t.untyped_storage().data_ptr(): n for w, n in weights.values() for t in plain(w)}  # uses to go
 
     def serialize_then_free(self: Any, tensor: torch.fx.Node, *args: Any, **kwargs: Any) -> int:
         idx = keep(self, tensor, *args, **kwargs)
@@ -195,10 +196,12 @@ def freed_once_packed(weights: list[torch.Tensor]) -> Iterator[None]:
         node = tensor if quant_params is None else quant_params.q_input
         if is_param_node(self.exported_program, node):
             st = get_param_tensor(self.exported_program, node).untyped_storage()
-            if st.data_ptr() in ours:
-                ours.discard(st.data_ptr())  # a later allocation may reuse the address
-                st.resize_(0)
-                USED["freed_once_packed"] += 1
+            if st.data_ptr() in left:
+                left[st.data_ptr()] -= 1
+                if not left[st.data_ptr()]:
+                    del left[st.data_ptr()]  # a later allocation may reuse the address
+                    st.resize_(0)
+                    USED["freed_once_packed"] += 1
         return idx
 
     NodeVisitor.get_serialized_buffer_index = serialize_then_free
@@ -323,8 +326,9 @@ def provenance_shared() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def lean_lowering(linear_weights: list[torch.Tensor], on: bool = True) -> Iterator[None]:
-    """All of the above (none if not `on`); `linear_weights` are freed as soon as XNNPACK has packed them."""
+def lean_lowering(linear_weights: dict[int, tuple[torch.Tensor, int]], on: bool = True) -> Iterator[None]:
+    """All of the above (none if not `on`); `linear_weights` (`freed_once_packed`'s) are freed as soon as
+    XNNPACK has packed them for every method that reads them."""
     if not on:
         yield
         return
