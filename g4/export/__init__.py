@@ -7,6 +7,7 @@ partitioners -> `to_executorch` -> written to a temporary file and renamed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from executorch.exir.pass_base import ExportPass, PassResult
 from g4.checkpoint import atomic_write, trim_heap
 from g4.config import AssistantConfig, Config
 from g4.export.fuse import fuse
-from g4.export.lean import free_lowered, lean_lowering
+from g4.export.lean import free_lowered, freed_once_packed, lean_lowering
 from g4.export.quant import (
     EMBEDDING_BITS,
     EMBEDDING_TABLES,
@@ -352,15 +353,15 @@ def lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None]) -> Any:
     weights = dict(leaves_with_path(shim.params()))
     if shim.drafter:
         weights |= {f"draft.{p}": t for p, t in leaves_with_path(shim.drafter.params)}
-    # Lookup tables run in portable kernels and are never packed; quantized linears are freed once packed,
-    # the decoder's by both its methods with a vision tower (forward and text_decoder).
-    uses = {p: 2 if opts.vision and not p.startswith(TOWERS) else 1 for p in weights}
-    linear = {id(t): (t, uses[p]) for p, t in weights.items() if p not in EMBEDDING_TABLES and hasattr(t, "qdata")}
-    with lean_lowering(linear, on=opts.lean):
-        return _lower(shim, opts, log, list(weights.values()))
+    # Lookup tables run in portable kernels and are never packed; quantized linears are freed once packed.
+    linear = [t for path, t in weights.items() if path not in EMBEDDING_TABLES and hasattr(t, "qdata")]
+    with lean_lowering(on=opts.lean):
+        return _lower(shim, opts, log, list(weights.values()), linear)
 
 
-def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights: list[torch.Tensor]) -> Any:
+def _lower(
+    shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights: list[torch.Tensor], linear: list[torch.Tensor]
+) -> Any:
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -398,13 +399,14 @@ def _lower(shim: Shim, opts: ExportOptions, log: Callable[[str], None], weights:
         eps = {name: ep.run_decompositions(DECOMPOSITIONS) for name, ep in eps.items()}
     log(f"  export: {time.perf_counter() - t0:.1f} s{memory()}")
     t0 = time.perf_counter()
-    edge = to_edge_transform_and_lower(
-        eps,
-        partitioner=_partitioners(),
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        transform_passes=[InferOneViewDim()],
-        constant_methods=metadata(shim.cfg, opts, shim.drafter),
-    )
+    with freed_once_packed(linear, list(eps.values())) if opts.lean else contextlib.nullcontext():
+        edge = to_edge_transform_and_lower(
+            eps,
+            partitioner=_partitioners(),
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            transform_passes=[InferOneViewDim()],
+            constant_methods=metadata(shim.cfg, opts, shim.drafter),
+        )
     methods = len(eps)
     del eps
     freed = free_lowered(weights, [edge.exported_program(name) for name in edge.methods])

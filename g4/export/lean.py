@@ -96,15 +96,16 @@ def plain(t: torch.Tensor) -> list[torch.Tensor]:
     return [getattr(t, n) for n in names] if names else [t]
 
 
+def held(ep: Any) -> set[int]:
+    """The storages (data pointers) of the weights an exported program references."""
+    tensors = [t for t in [*ep.state_dict.values(), *ep.constants.values()] if isinstance(t, torch.Tensor)]
+    return {p.untyped_storage().data_ptr() for t in tensors for p in plain(t)}
+
+
 def free_lowered(weights: list[torch.Tensor], programs: list[Any]) -> int:
     """Frees the storage of each weight no program references any more (XNNPACK has copied it into
     its delegate blob); returns the bytes freed. The weights become empty."""
-    kept = {
-        t.untyped_storage().data_ptr()
-        for ep in programs
-        for t in [*ep.state_dict.values(), *ep.constants.values()]
-        if isinstance(t, torch.Tensor)
-    }
+    kept = set().union(*map(held, programs))
     freed = 0
     for t in (p for w in weights for p in plain(w)):
         st = t.untyped_storage()
@@ -175,11 +176,12 @@ def weights_not_copied_for_xnnpack() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def freed_once_packed(weights: dict[int, tuple[torch.Tensor, int]]) -> Iterator[None]:
-    """Frees each of `weights` (quantized linear weights, by id: `(weight, uses)`) as soon as XNNPACK has
-    copied it into its delegate blob `uses` times (once per method that reads it: a decoder exported as
-    two methods reads each twice), instead of after all of lowering: the int8 copy and the packed one
-    then never coexist for the whole model."""
+def freed_once_packed(weights: list[torch.Tensor], programs: list[Any]) -> Iterator[None]:
+    """Frees each of `weights` (quantized linear weights) as soon as XNNPACK has copied it into the
+    delegate blob of every one of `programs` (the methods) that reads it, instead of after all of
+    lowering: the int8 copy and the packed one then never coexist for the whole model. (A decoder
+    exported as `forward` and `text_decoder` is read twice: freed after the first, the second found
+    it empty.)"""
     from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
     from executorch.backends.xnnpack.utils.utils import get_param_tensor, is_param_node
 
@@ -188,7 +190,9 @@ def freed_once_packed(weights: dict[int, tuple[torch.Tensor, int]]) -> Iterator[
     if not _ok("freed_once_packed") or "quant_params" not in sig.parameters:
         yield
         return
-    left = {t.untyped_storage().data_ptr(): n for w, n in weights.values() for t in plain(w)}  # uses to go
+    readers = collections.Counter(ptr for ep in programs for ptr in held(ep))
+    mine = {t.untyped_storage().data_ptr() for w in weights for t in plain(w)}
+    left = {ptr: n for ptr, n in readers.items() if ptr in mine}  # packings to go before it is freed
 
     def serialize_then_free(self: Any, tensor: torch.fx.Node, *args: Any, **kwargs: Any) -> int:
         idx = keep(self, tensor, *args, **kwargs)
@@ -326,17 +330,10 @@ def provenance_shared() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def lean_lowering(linear_weights: dict[int, tuple[torch.Tensor, int]], on: bool = True) -> Iterator[None]:
-    """All of the above (none if not `on`); `linear_weights` (`freed_once_packed`'s) are freed as soon as
-    XNNPACK has packed them for every method that reads them."""
+def lean_lowering(on: bool = True) -> Iterator[None]:
+    """All of the above but `freed_once_packed`, which needs the exported programs (none if not `on`)."""
     if not on:
         yield
         return
-    with (
-        fx_sources_not_kept(),
-        weights_not_copied_for_xnnpack(),
-        light_dependency_viewers(),
-        provenance_shared(),
-        freed_once_packed(linear_weights),
-    ):
+    with fx_sources_not_kept(), weights_not_copied_for_xnnpack(), light_dependency_viewers(), provenance_shared():
         yield
