@@ -247,6 +247,9 @@ def leaves_with_path(tree: Any) -> Iterator[tuple[str, Tensor]]:
     return iter(out)
 
 
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
 def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Path -> shape of every weight the config has, in tree order (no tensors allocated)."""
     H, P, L = cfg.hidden_size, cfg.hidden_size_per_layer_input, cfg.num_hidden_layers
@@ -272,12 +275,7 @@ def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
         s[p + "mlp.gate_proj"] = (inter, H)
         s[p + "mlp.up_proj"] = (inter, H)
         s[p + "mlp.down_proj"] = (H, inter)
-        for n in (
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-        ):
+        for n in NORMS:
             s[p + n] = (H,)
         if P:
             s[p + "per_layer_input_gate"] = (P, H)
@@ -298,7 +296,6 @@ def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
     return s
 
 
-NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
 VISION_LINEARS = tuple(f"self_attn.{n}_proj" for n in "qkvo") + tuple(f"mlp.{n}_proj" for n in ("gate", "up", "down"))
 
@@ -320,12 +317,7 @@ def vision_shapes(v: VisionConfig, text_hidden: int) -> dict[str, tuple[int, ...
             if v.use_clipped_linears:
                 s |= {f"{p}{lin}.{b}": () for b in CLIP_BOUNDS}
         s[p + "self_attn.q_norm"] = s[p + "self_attn.k_norm"] = (d,)
-        for n in (
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-        ):
+        for n in NORMS:
             s[p + n] = (Hv,)
     if v.standardize:
         s["vision_tower.std_bias"] = s["vision_tower.std_scale"] = (Hv,)
@@ -367,21 +359,24 @@ def build(cfg: Config, get: Get) -> Params:
     names = [n for n in attrs.fields_dict(Params) if n not in ("layers", "lm_head", *TOWERS)]
     top: dict[str, Any] = {n: get(n, shapes[n]) if n in shapes else None for n in names}
     params = Params(**top, layers=layers)
-    if "embed_vision.embedding_projection" in shapes:
-        params = attrs.evolve(params, **_build_vision(shapes, get))
+    if cfg.towers is not None and cfg.towers.vision is not None:
+        params = attrs.evolve(params, **_build_vision(cfg.towers.vision, shapes, get))
     return params
 
 
-def _build_vision(shapes: dict[str, tuple[int, ...]], get: Get) -> dict[str, Any]:
-    def g(path: str) -> Any:  # None where the config has no such weight
-        return get(path, shapes[path]) if path in shapes else None
+def _optional(shapes: dict[str, tuple[int, ...]], get: Get) -> Callable[[str], Any]:
+    """`get` for a path, None where the config has no such weight."""
+    return lambda path: get(path, shapes[path]) if path in shapes else None
+
+
+def _build_vision(v: VisionConfig, shapes: dict[str, tuple[int, ...]], get: Get) -> dict[str, Any]:
+    g = _optional(shapes, get)
 
     def clipped(p: str) -> Clipped:
         return Clipped(g(p + ".linear"), *(g(f"{p}.{b}") for b in CLIP_BOUNDS))
 
     layers = []
-    n = sum(1 for k in shapes if k.startswith("vision_tower.encoder.layers.") and k.endswith(".input_layernorm"))
-    for i in range(n):
+    for i in range(v.num_hidden_layers):
         p = f"vision_tower.encoder.layers.{i}."
         lin = {n: clipped(p + n) for n in VISION_LINEARS}
         attn = VisionAttention(
@@ -402,8 +397,7 @@ def _build_vision(shapes: dict[str, tuple[int, ...]], get: Get) -> dict[str, Any
 
 
 def _build_layers(cfg: Config, shapes: dict[str, tuple[int, ...]], get: Get) -> tuple[Layer, ...]:
-    def g(path: str) -> Any:  # None where the config has no such weight
-        return get(path, shapes[path]) if path in shapes else None
+    g = _optional(shapes, get)
 
     layers = []
     for i in range(cfg.num_hidden_layers):
