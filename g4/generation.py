@@ -19,7 +19,7 @@ from g4.fn import cache as kv
 from g4.fn import init_cache
 from g4.fn.draft import draft_ring, draft_step, target_kv
 from g4.fn.model import embed, head, hidden_states
-from g4.fn.multimodal import image_features, merge
+from g4.fn.multimodal import image_features, merge, spread
 from g4.image import SOFT_TOKENS
 from g4.memory import no_mlock, page_on_demand
 from g4.params import Assistant, Params
@@ -159,8 +159,7 @@ class PteModel:
     def _embeds(self, tokens: Sequence[int], soft: Tensor) -> Tensor:
         """`[1, T, H]`: the soft tokens at the placeholders, zeros elsewhere (the text_decoder's input)."""
         assert self.vision is not None
-        where = torch.tensor([list(tokens)]) == self.vision.image_token_id
-        return soft.new_zeros(1, len(tokens), soft.shape[-1]).masked_scatter(where[..., None], soft)
+        return spread(torch.tensor([list(tokens)]) == self.vision.image_token_id, soft)
 
     def step(self, tokens: Sequence[int], start: int) -> Tensor:
         """Logits `[V]` after feeding `tokens` at positions `start...`."""
@@ -212,7 +211,7 @@ class EagerModel:
         t, positions = torch.tensor([list(tokens)], dtype=torch.int64), torch.arange(start, start + len(tokens))
         pair = blocks = None
         if soft is not None:
-            t, pair, blocks = merge(self.params, self.cfg, t, soft)
+            t, pair, blocks = merge(self.cfg, t, soft)
         with torch.no_grad():
             h, cache = hidden_states(
                 self.params, self.cfg, t, positions, self.cache, last=last, soft=pair, blocks=blocks

@@ -134,7 +134,7 @@ def test_cached_prefill_with_image_then_decode_equals_no_cache(bidirectional):
     pixels, pos = batch(image(6, 9, 0))
     ids = torch.tensor([prompt(6) + list(range(20, 50))])  # 43 tokens: the decode passes the window (16)
     want = multimodal_logits(params, cfg, ids, pixel_values=pixels, image_position_ids=pos)
-    tokens, (where, values), blocks = merge(params, cfg, ids, image_features(params, cfg, pixels, pos))
+    tokens, (where, values), blocks = merge(cfg, ids, image_features(params, cfg, pixels, pos))
     cache, out = g4.init_cache(cfg, max_seq_len=64), []
     for a, b in [(0, 3), (3, 14), *((t, t + 1) for t in range(14, ids.shape[1]))]:
         part = None if blocks is None else blocks[:, a:b]

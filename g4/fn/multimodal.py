@@ -44,9 +44,12 @@ def placeholders(cfg: Config, input_ids: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(where, cfg.pad_token_id, input_ids), where
 
 
-def merge(
-    params: Params, cfg: Config, input_ids: Tensor, features: Tensor | None
-) -> tuple[Tensor, Soft | None, Tensor | None]:
+def spread(where: Tensor, rows: Tensor) -> Tensor:
+    """`rows [n, H]` in order at the True places of `where [B, T]`, zeros elsewhere: `[B, T, H]`."""
+    return rows.new_zeros(*where.shape, rows.shape[-1]).masked_scatter(where[..., None], rows)
+
+
+def merge(cfg: Config, input_ids: Tensor, features: Tensor | None) -> tuple[Tensor, Soft | None, Tensor | None]:
     """Tokens with pad at the placeholders, the soft tokens there, and the image blocks if attended both ways."""
     assert cfg.towers is not None
     tokens, is_image = placeholders(cfg, input_ids)
@@ -56,9 +59,11 @@ def merge(
         raise ValueError(f"input_ids: {n} image placeholder tokens, but the images give {got}")
     if features is None:
         return tokens, None, None
-    H = params.embed_tokens.shape[1]
-    values = features.new_zeros(*input_ids.shape, H).masked_scatter(is_image[..., None], features)
-    return tokens, (is_image, values), image_blocks(is_image) if cfg.towers.bidirectional_vision else None
+    return (
+        tokens,
+        (is_image, spread(is_image, features)),
+        image_blocks(is_image) if cfg.towers.bidirectional_vision else None,
+    )
 
 
 def multimodal_logits(
@@ -80,5 +85,5 @@ def multimodal_logits(
         if image_position_ids is None:
             raise ValueError("image_position_ids: needed with pixel_values")
         feats = image_features(params, cfg, pixel_values, image_position_ids)
-    tokens, soft, blocks = merge(params, cfg, input_ids, feats)
+    tokens, soft, blocks = merge(cfg, input_ids, feats)
     return forward(params, cfg, tokens, torch.arange(tokens.shape[1]), soft=soft, blocks=blocks)[0]
