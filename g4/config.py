@@ -78,17 +78,76 @@ class VisionConfig:
             )
 
 
+AUDIO_TOKEN_ID = 258_881  # `<|audio|>`: the placeholder each soft token of a clip replaces
+BOA_TOKEN_ID, EOA_TOKEN_ID = 256_000, 258_883  # `<|audio>`, `<audio|>`: around a clip's placeholders
+
+
+@attrs.frozen(kw_only=True)
+class AudioConfig:
+    """Gemma 4's audio tower (`Gemma4AudioConfig`): 4x subsampling convolutions, then conformer layers
+    with chunked local attention (relative positions, a logit cap) and a causal depthwise convolution."""
+
+    hidden_size: int = 1024
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    subsampling_conv_channels: tuple[int, ...] = attrs.field(default=(128, 32), converter=_tuple)
+    conv_kernel_size: int = 5  # the light convolution's (depthwise, causal)
+    residual_weight: float = 0.5  # each feed-forward half adds this much of its output
+    attention_chunk_size: int = 12  # queries attend in blocks of this many frames ...
+    attention_context_left: int = 13  # ... to keys this far back (the frame itself counts) ...
+    attention_context_right: int = 0  # ... and this far ahead
+    attention_logit_cap: float = 50.0
+    attention_invalid_logits_value: float = -1.0e9  # masked logits (finite: a fully masked row is uniform)
+    use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10  # activations are clamped to +-this between blocks
+    output_proj_dims: int = 1536  # the soft tokens' width, before the embedder's projection
+
+    def __attrs_post_init__(self) -> None:
+        c = self.subsampling_conv_channels
+        if len(c) != 2 or c[0] % 4 or self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"audio_config: needs two subsampling_conv_channels, the first a multiple of 4 (got {list(c)}), "
+                f"and hidden_size ({self.hidden_size}) a multiple of num_attention_heads ({self.num_attention_heads})"
+            )
+
+    @property
+    def mel_bins(self) -> int:
+        """Mel bins of the input features: transformers sizes the projection as if they were the first
+        convolution's channels (128 and 128 in every checkpoint)."""
+        return self.subsampling_conv_channels[0]
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+
 @attrs.frozen(kw_only=True)
 class Towers:
-    """What a multimodal checkpoint adds to the text decoder (`Gemma4Config`); audio is not built yet."""
+    """What a multimodal checkpoint adds to the text decoder (`Gemma4Config`): its vision and audio towers."""
 
     vision: VisionConfig | None = None
+    audio: AudioConfig | None = None
     image_token_id: int = IMAGE_TOKEN_ID
     boi_token_id: int = BOI_TOKEN_ID
     eoi_token_id: int = EOI_TOKEN_ID
+    audio_token_id: int = AUDIO_TOKEN_ID
+    boa_token_id: int = BOA_TOKEN_ID
+    eoa_token_id: int = EOA_TOKEN_ID
     # text_config.use_bidirectional_attention == "vision": on sliding layers, an image's soft tokens
     # also see the later soft tokens of the same image (full layers stay causal)
     bidirectional_vision: bool = False
+
+    def only(self, vision: bool, audio: bool) -> Towers | None:
+        """These towers with the unwanted dropped; None if none is left."""
+        t = attrs.evolve(self, vision=self.vision if vision else None, audio=self.audio if audio else None)
+        return None if t.vision is None and t.audio is None else t
+
+    @property
+    def soft_token_ids(self) -> tuple[int, ...]:
+        """The placeholder ids soft tokens replace: the image's if there is a vision tower, the audio's if audio."""
+        return (self.image_token_id,) * (self.vision is not None) + (self.audio_token_id,) * (self.audio is not None)
 
 
 @attrs.frozen(kw_only=True)
@@ -423,10 +482,12 @@ ASSISTANTS: dict[str, AssistantConfig] = {
     )
 }
 
-# The vision towers of multimodal checkpoints (`vision_config`), for random weights and `g4.export --vision`.
-# E2B's and E4B's: transformers' default vision config with clipped linears, no standardisation (their
-# tensor counts). The tiny one keeps every feature at a few KB: grouped KV heads, clipping, standardisation,
-# 4 x 4-pixel patches; its placeholder is an unused id of the tiny vocabulary.
+# The towers of multimodal checkpoints (`vision_config`, `audio_config`), for random weights and
+# `g4.export --vision / --audio`. E2B's and E4B's: transformers' default vision config with clipped linears,
+# no standardisation, and its default audio config (their tensor counts). The tiny ones keep every feature
+# at a few KB: grouped KV heads, clipping, standardisation, 4 x 4-pixel patches; audio keys from the future
+# (context right), a cap and clamps that act on unit-scale activations, a norm epsilon unlike the default's;
+# their placeholders are unused ids of the tiny vocabulary.
 TOWERS: dict[str, Towers] = {
     "tiny": Towers(
         vision=VisionConfig(
@@ -441,10 +502,27 @@ TOWERS: dict[str, Towers] = {
             use_clipped_linears=True,
             standardize=True,
         ),
+        audio=AudioConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            subsampling_conv_channels=(128, 8),
+            conv_kernel_size=3,
+            attention_chunk_size=4,
+            attention_context_left=6,
+            attention_context_right=2,
+            attention_logit_cap=4.0,
+            rms_norm_eps=1e-5,
+            gradient_clipping=3.0,
+            output_proj_dims=48,
+        ),
         image_token_id=54,
         boi_token_id=53,
         eoi_token_id=55,
+        audio_token_id=57,
+        boa_token_id=56,
+        eoa_token_id=58,
     ),
-    "e2b": Towers(vision=VisionConfig(use_clipped_linears=True)),
-    "e4b": Towers(vision=VisionConfig(use_clipped_linears=True)),
+    "e2b": Towers(vision=VisionConfig(use_clipped_linears=True), audio=AudioConfig()),
+    "e4b": Towers(vision=VisionConfig(use_clipped_linears=True), audio=AudioConfig()),
 }

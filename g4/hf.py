@@ -9,13 +9,17 @@ import attrs
 from torch import Tensor
 
 from g4.config import (
+    AUDIO_TOKEN_ID,
+    BOA_TOKEN_ID,
     BOI_TOKEN_ID,
     DRAFT_TOKENS,
+    EOA_TOKEN_ID,
     EOI_TOKEN_ID,
     FULL,
     IMAGE_TOKEN_ID,
     SLIDING,
     AssistantConfig,
+    AudioConfig,
     Config,
     ConfigError,
     Towers,
@@ -26,7 +30,10 @@ from g4.params import CLIP_BOUNDS, KV_WEIGHTS, TOWERS, Params, leaves_with_path
 TEXT_PREFIX = "model."  # Gemma4ForCausalLM
 MM_PREFIX = "model.language_model."  # Gemma4ForConditionalGeneration (hub -it and base checkpoints)
 MM_IGNORED = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
-VISION_PREFIXES = ("model.vision_tower.", "model.embed_vision.")  # loaded with towers=True, then checked
+TOWER_PREFIXES = {  # loaded with towers=True, then checked
+    "vision": ("model.vision_tower.", "model.embed_vision."),
+    "audio": ("model.audio_tower.", "model.embed_audio."),
+}
 # KV-shared layers still carry these in hub checkpoints; the reference never uses them.
 SHARED_KV_IGNORED = tuple(p + ".weight" for p in KV_WEIGHTS)
 
@@ -42,6 +49,7 @@ BARE: tuple[str, ...] = (
     "experts.down_proj",
 )
 BARE += ("position_embedding_table", "std_bias", "std_scale", *CLIP_BOUNDS)  # the vision tower's
+BARE += ("per_dim_scale", "output_proj.weight", "output_proj.bias")  # the audio tower's
 
 
 def hf_name(path: str) -> str:
@@ -140,44 +148,68 @@ def config_from_hf(d: Mapping[str, Any]) -> Config:
 
 
 VISION_FIELDS = [f.name for f in attrs.fields(VisionConfig) if f.name != "rope_theta"]
+AUDIO_FIELDS = [f.name for f in attrs.fields(AudioConfig)]
 
 
 def towers_from_hf(d: Mapping[str, Any]) -> Towers:
     """The towers of a multimodal `config.json` (`model_type` 'gemma4'); ConfigError if it has none."""
     if not isinstance(d, Mapping) or d.get("model_type") != "gemma4":
         raise ConfigError("config.json: towers need a multimodal Gemma 4 config (model_type 'gemma4')")
-    v = d.get("vision_config")
-    if not isinstance(v, Mapping):
-        raise ConfigError("config.json: no 'vision_config' object (a text-only checkpoint?)")
-    rope = v.get("rope_parameters") or {}
-    if rope.get("rope_type", "axial") != "axial":
-        raise ConfigError(f"config.json: vision_config.rope_parameters.rope_type {rope['rope_type']!r} is not 'axial'")
-    if v.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or v.get("attention_bias"):
-        raise ConfigError("config.json: vision_config needs hidden_activation gelu_pytorch_tanh and no attention_bias")
-    vision = VisionConfig(
-        **{k: v[k] for k in VISION_FIELDS if v.get(k) is not None}, rope_theta=float(rope.get("rope_theta", 100.0))
-    )
+    v, a = d.get("vision_config"), d.get("audio_config")
+    if not isinstance(v, Mapping) and not isinstance(a, Mapping):
+        raise ConfigError(
+            "config.json: neither a 'vision_config' nor an 'audio_config' object (a text-only checkpoint?)"
+        )
+    vision = audio = None
+    if isinstance(v, Mapping):
+        rope = v.get("rope_parameters") or {}
+        if rope.get("rope_type", "axial") != "axial":
+            raise ConfigError(
+                f"config.json: vision_config.rope_parameters.rope_type {rope['rope_type']!r} is not 'axial'"
+            )
+        if v.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or v.get("attention_bias"):
+            raise ConfigError(
+                "config.json: vision_config needs hidden_activation gelu_pytorch_tanh and no attention_bias"
+            )
+        vision = VisionConfig(
+            **{k: v[k] for k in VISION_FIELDS if v.get(k) is not None}, rope_theta=float(rope.get("rope_theta", 100.0))
+        )
+    if isinstance(a, Mapping):
+        if a.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"config.json: audio_config.hidden_act {a['hidden_act']!r} is not 'silu'")
+        audio = AudioConfig(**{k: a[k] for k in AUDIO_FIELDS if a.get(k) is not None})
     text = d.get("text_config") or {}
     return Towers(
         vision=vision,
+        audio=audio,
         image_token_id=int(d.get("image_token_id", IMAGE_TOKEN_ID)),
         boi_token_id=int(d.get("boi_token_id", BOI_TOKEN_ID)),
         eoi_token_id=int(d.get("eoi_token_id", EOI_TOKEN_ID)),
+        audio_token_id=int(d.get("audio_token_id", AUDIO_TOKEN_ID)),
+        boa_token_id=int(d.get("boa_token_id", BOA_TOKEN_ID)),
+        eoa_token_id=int(d.get("eoa_token_index", EOA_TOKEN_ID)),  # transformers' name
         bidirectional_vision=text.get("use_bidirectional_attention") == "vision",
     )
 
 
 def towers_to_hf(t: Towers) -> dict[str, Any]:
     """The multimodal `config.json` fields of `t` (beside `text_config`)."""
-    assert t.vision is not None
-    v = attrs.asdict(t.vision)
-    v["rope_parameters"] = {"rope_type": "axial", "rope_theta": v.pop("rope_theta")}
+    v = a = None
+    if t.vision is not None:
+        v = attrs.asdict(t.vision) | {"model_type": "gemma4_vision"}
+        v["rope_parameters"] = {"rope_type": "axial", "rope_theta": v.pop("rope_theta")}
+    if t.audio is not None:
+        a = attrs.asdict(t.audio) | {"model_type": "gemma4_audio", "hidden_act": "silu"}
+        a["subsampling_conv_channels"] = list(a["subsampling_conv_channels"])
     return {
-        "vision_config": v | {"model_type": "gemma4_vision"},
-        "audio_config": None,
+        "vision_config": v,
+        "audio_config": a,
         "image_token_id": t.image_token_id,
         "boi_token_id": t.boi_token_id,
         "eoi_token_id": t.eoi_token_id,
+        "audio_token_id": t.audio_token_id,
+        "boa_token_id": t.boa_token_id,
+        "eoa_token_index": t.eoa_token_id,
     }
 
 

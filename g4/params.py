@@ -7,15 +7,16 @@ Attribute names are the Hugging Face module names, so a tree path such as
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import torch
 from torch import Tensor
 from torch.utils import _pytree
 
-from g4.config import AssistantConfig, Config, VisionConfig
+from g4.config import AssistantConfig, AudioConfig, Config, VisionConfig
 
 T = TypeVar("T")
 
@@ -156,6 +157,86 @@ class Embedder:
 
 
 @attrs.frozen
+class SubsampleLayer:
+    """A 3x3 stride-2 convolution over (time, mel), then a LayerNorm over channels (weight only) and ReLU."""
+
+    conv: Tensor  # [C, C_in, 3, 3]
+    norm: Tensor  # [C]
+
+
+@attrs.frozen
+class Subsample:
+    """Two stride-2 convolutions (4x fewer frames and mel bins), then a projection to the tower's width."""
+
+    layer0: SubsampleLayer
+    layer1: SubsampleLayer
+    input_proj_linear: Tensor  # [Ha, C1 * mel/4]
+
+
+@attrs.frozen
+class AudioFeedForward:
+    """A conformer half-step feed-forward: norm, 4x SiLU MLP, norm, scaled residual."""
+
+    ffw_layer_1: Clipped
+    ffw_layer_2: Clipped
+    pre_layer_norm: Tensor
+    post_layer_norm: Tensor
+
+
+@attrs.frozen
+class AudioAttention:
+    """Chunked local attention with relative position keys and a learned per-dimension query scale."""
+
+    q_proj: Clipped
+    k_proj: Clipped
+    v_proj: Clipped
+    post: Clipped
+    relative_k_proj: Tensor  # [Ha, Ha]: sinusoids of relative positions -> keys
+    per_dim_scale: Tensor  # [d]
+
+
+@attrs.frozen
+class LightConv:
+    """Norm, gated projection, causal depthwise convolution over time, norm, SiLU, projection."""
+
+    linear_start: Clipped  # [2Ha, Ha]: value and gate halves
+    linear_end: Clipped
+    depthwise_conv1d: Tensor  # [Ha, 1, K]
+    pre_layer_norm: Tensor
+    conv_norm: Tensor
+
+
+@attrs.frozen
+class AudioLayer:
+    """One conformer layer: feed-forward, attention, light convolution, feed-forward, norm."""
+
+    feed_forward1: AudioFeedForward
+    feed_forward2: AudioFeedForward
+    self_attn: AudioAttention
+    lconv1d: LightConv
+    norm_pre_attn: Tensor
+    norm_post_attn: Tensor
+    norm_out: Tensor
+
+
+@attrs.frozen
+class Affine:
+    """A linear layer with a bias (`nn.Linear(bias=True)`)."""
+
+    weight: Tensor  # [out, in]
+    bias: Tensor  # [out]
+
+
+@attrs.frozen
+class AudioTower:
+    """`Gemma4AudioModel`: subsampling, conformer layers, an output projection."""
+
+    subsample_conv_projection: Subsample
+    layers: tuple[AudioLayer, ...]
+    output_proj: Affine  # [output_proj_dims, Ha]
+
+
+@attrs.frozen
 class Params:
     """The whole text decoder, and the towers if loaded; the LM head is tied to `embed_tokens`."""
 
@@ -169,6 +250,8 @@ class Params:
     lm_head: Tensor | tuple[Tensor, ...] | None = None
     vision_tower: VisionTower | None = None
     embed_vision: Embedder | None = None
+    audio_tower: AudioTower | None = None
+    embed_audio: Embedder | None = None
 
 
 @attrs.frozen
@@ -186,6 +269,9 @@ class Assistant:
 
 NODES: tuple[type, ...] = (Attention, Mlp, Router, Experts, Layer, Params, Assistant)
 NODES += (Clipped, VisionAttention, VisionMlp, VisionLayer, PatchEmbedder, Encoder, VisionTower, Embedder)
+AUDIO_NODES = (SubsampleLayer, Subsample, AudioFeedForward, AudioAttention, LightConv, AudioLayer, Affine, AudioTower)
+NODES += AUDIO_NODES
+NODE_TYPES = {c.__name__: c for c in NODES}
 
 
 def _flatten(node: Any) -> tuple[list[Any], tuple[str, ...]]:
@@ -293,6 +379,8 @@ def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
                 s[p + n] = (H,)
     if cfg.towers is not None and (v := cfg.towers.vision) is not None:
         s |= vision_shapes(v, H)
+    if cfg.towers is not None and (a := cfg.towers.audio) is not None:
+        s |= audio_shapes(a, H)
     return s
 
 
@@ -325,7 +413,45 @@ def vision_shapes(v: VisionConfig, text_hidden: int) -> dict[str, tuple[int, ...
     return s
 
 
-TOWERS = ("vision_tower", "embed_vision")  # Params fields outside the text decoder
+def audio_shapes(a: AudioConfig, text_hidden: int) -> dict[str, tuple[int, ...]]:
+    """Path -> shape of the audio tower's and its embedder's weights (`audio_tower.`, `embed_audio.`)."""
+    Ha, (c0, c1), p = a.hidden_size, a.subsampling_conv_channels, "audio_tower.subsample_conv_projection."
+    s: dict[str, tuple[int, ...]] = {
+        p + "layer0.conv": (c0, 1, 3, 3),
+        p + "layer0.norm": (c0,),
+        p + "layer1.conv": (c1, c0, 3, 3),
+        p + "layer1.norm": (c1,),
+        p + "input_proj_linear": (Ha, c1 * (a.mel_bins // 4)),  # mel bins after two stride-2 convolutions
+    }
+
+    def clipped(path: str, out: int, inp: int) -> None:
+        s[path + ".linear"] = (out, inp)
+        if a.use_clipped_linears:
+            s.update({f"{path}.{b}": () for b in CLIP_BOUNDS})
+
+    for i in range(a.num_hidden_layers):
+        p = f"audio_tower.layers.{i}."
+        for f in ("feed_forward1", "feed_forward2"):
+            clipped(f"{p}{f}.ffw_layer_1", 4 * Ha, Ha)
+            clipped(f"{p}{f}.ffw_layer_2", Ha, 4 * Ha)
+            s[f"{p}{f}.pre_layer_norm"] = s[f"{p}{f}.post_layer_norm"] = (Ha,)
+        for n in ("q_proj", "k_proj", "v_proj", "post"):
+            clipped(f"{p}self_attn.{n}", Ha, Ha)
+        s[p + "self_attn.relative_k_proj"] = (Ha, Ha)
+        s[p + "self_attn.per_dim_scale"] = (a.head_dim,)
+        clipped(p + "lconv1d.linear_start", 2 * Ha, Ha)
+        clipped(p + "lconv1d.linear_end", Ha, Ha)
+        s[p + "lconv1d.depthwise_conv1d"] = (Ha, 1, a.conv_kernel_size)
+        s[p + "lconv1d.pre_layer_norm"] = s[p + "lconv1d.conv_norm"] = (Ha,)
+        for n in ("norm_pre_attn", "norm_post_attn", "norm_out"):
+            s[p + n] = (Ha,)
+    s["audio_tower.output_proj.weight"] = (a.output_proj_dims, Ha)
+    s["audio_tower.output_proj.bias"] = (a.output_proj_dims,)
+    s["embed_audio.embedding_projection"] = (text_hidden, a.output_proj_dims)
+    return s
+
+
+TOWERS = ("vision_tower", "embed_vision", "audio_tower", "embed_audio")  # Params fields outside the text decoder
 KV_WEIGHTS = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm")
 
 
@@ -361,7 +487,25 @@ def build(cfg: Config, get: Get) -> Params:
     params = Params(**top, layers=layers)
     if cfg.towers is not None and cfg.towers.vision is not None:
         params = attrs.evolve(params, **_build_vision(cfg.towers.vision, shapes, get))
+    if cfg.towers is not None and cfg.towers.audio is not None:
+        g = _optional(shapes, get)
+        tower = _node(AudioTower, "audio_tower", g, cfg.towers.audio.num_hidden_layers)
+        params = attrs.evolve(params, audio_tower=tower, embed_audio=_node(Embedder, "embed_audio", g, 0))
     return params
+
+
+def _node(cls: type[T], path: str, g: Callable[[str], Any], n_layers: int) -> T:
+    """A tower's node at `path`, fields by their names: nodes recursively, `layers` `n_layers` of them, the
+    rest leaves (`g(path)`)."""
+    kids: dict[str, Any] = {}
+    for f in attrs.fields(cast(Any, cls)):
+        kid = NODE_TYPES.get(f.type.split(" |")[0].removeprefix("tuple[").removesuffix(", ...]"))
+        p = f"{path}.{f.name}"
+        if f.name == "layers":
+            kids[f.name] = tuple(_node(cast(type, kid), f"{p}.{i}", g, 0) for i in range(n_layers))
+        else:
+            kids[f.name] = g(p) if kid is None else _node(kid, p, g, 0)
+    return cls(**kids)
 
 
 def _optional(shapes: dict[str, tuple[int, ...]], get: Get) -> Callable[[str], Any]:
@@ -429,6 +573,8 @@ def init_value(path: str, shape: tuple[int, ...], cfg: Config, gen: torch.Genera
         return (1.0 + 0.1 * torch.randn(shape, generator=gen)) * shape[0] ** -0.25
     if len(shape) == 1:
         return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    if name in ("conv", "depthwise_conv1d"):  # [out, in, *kernel]: fan-in is all but the first dim
+        return torch.randn(shape, generator=gen).mul_(math.prod(shape[1:]) ** -0.5)
     # scaled in place: a scaled copy of a full-size per-layer table would double its fp32 peak
     if name == "embed_tokens_per_layer":  # looked up per layer in slices of width P
         return torch.randn(shape, generator=gen).mul_(cfg.hidden_size_per_layer_input**-0.5)

@@ -47,8 +47,9 @@ def hf_multimodal(cfg: g4.Config, params: g4.Params):
     """A `Gemma4ForConditionalGeneration` (eager attention) holding exactly `params`, towers included."""
     assert cfg.towers is not None
     hf_cfg = transformers.Gemma4Config(text_config=config_to_hf(cfg), **towers_to_hf(cfg.towers))
-    for c in (hf_cfg, hf_cfg.text_config, hf_cfg.vision_config):
-        c._attn_implementation = "eager"
+    for c in (hf_cfg, hf_cfg.text_config, hf_cfg.vision_config, hf_cfg.audio_config):
+        if c is not None:
+            c._attn_implementation = "eager"
     model = transformers.Gemma4ForConditionalGeneration(hf_cfg).eval()
     sd = to_hf_state_dict(params, MM_PREFIX) | {"lm_head.weight": params.embed_tokens}
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -222,7 +222,7 @@ def test_bad_image_inputs_name_the_argument(case):
     cfg, params, _ = case
     pixels, pos = batch(image(6, 9, 0))
     ids = torch.tensor([prompt(6)])
-    with pytest.raises(ValueError, match=r"input_ids: 6 image placeholder tokens, but the images give no image"):
+    with pytest.raises(ValueError, match=r"input_ids: 6 image placeholder tokens, but the images give no soft tokens"):
         multimodal_logits(params, cfg, ids)
     with pytest.raises(ValueError, match=r"input_ids: 7 image placeholder tokens, but the images give 6 soft"):
         multimodal_logits(params, cfg, torch.tensor([prompt(7)]), pixel_values=pixels, image_position_ids=pos)

@@ -15,9 +15,9 @@ import os
 import struct
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import attrs
 import torch
@@ -31,7 +31,7 @@ from g4.hf import (
     MM_PREFIX,
     SHARED_KV_IGNORED,
     TEXT_PREFIX,
-    VISION_PREFIXES,
+    TOWER_PREFIXES,
     assistant_config_from_hf,
     assistant_config_to_hf,
     assistant_name,
@@ -71,9 +71,20 @@ def read_config(path: str | os.PathLike) -> Config:
     return _read_json(Path(path) / "config.json", config_from_hf)
 
 
-def read_towers(path: str | os.PathLike) -> Towers:
-    """The towers of a multimodal checkpoint folder's `config.json`."""
-    return _read_json(Path(path) / "config.json", towers_from_hf)
+def read_towers(path: str | os.PathLike, kinds: bool | Collection[str] = True) -> Towers:
+    """The towers of a multimodal checkpoint folder's `config.json`: all it has, or those of `kinds`
+    ("vision", "audio"; CheckpointError if it lacks one)."""
+    file = Path(path) / "config.json"
+    t = _read_json(file, towers_from_hf)
+    if kinds is True:
+        return t
+    want = set(cast(Collection[str], kinds))
+    if bad := want - set(TOWER_PREFIXES):
+        raise ValueError(f"towers: unknown {sorted(bad)} (have {sorted(TOWER_PREFIXES)})")
+    for kind in sorted(want):
+        if getattr(t, kind) is None:
+            raise CheckpointError(f"{file}: no {kind}_config (this checkpoint has no {kind} tower)")
+    return cast(Towers, t.only("vision" in want, "audio" in want))
 
 
 def _read_json(file: Path, parse: Callable[[Any], T]) -> T:
@@ -201,12 +212,13 @@ def load_checkpoint(
     dtype: torch.dtype | None = torch.float32,
     transform: Callable[[str, Tensor], Tensor] | None = None,
     progress: bool = False,
-    towers: bool = False,
+    towers: bool | Collection[str] = False,
 ) -> tuple[Config, Params]:
     """Loads a Hugging Face Gemma 4 checkpoint folder (multimodal or text-only layout) as `(cfg, params)`.
 
-    `towers=True` also loads a multimodal checkpoint's vision tower and its embedder (`cfg.towers`,
-    `params.vision_tower`, `params.embed_vision`); without it they are ignored (text only).
+    `towers=True` also loads a multimodal checkpoint's vision and audio towers and their embedders
+    (`cfg.towers`, `params.vision_tower`, `.embed_vision`, `.audio_tower`, `.embed_audio`), `towers=("audio",)`
+    only those named; without it they are ignored (text only).
 
     Every name and shape is checked from the safetensors headers before any weight is read; then the
     tensors are read through the memory map one at a time and converted to `dtype`, so peak memory is
@@ -219,7 +231,7 @@ def load_checkpoint(
         raise CheckpointError(f"{folder}: not a directory")
     cfg = read_config(folder)
     if towers:
-        cfg = attrs.evolve(cfg, towers=read_towers(folder))
+        cfg = attrs.evolve(cfg, towers=read_towers(folder, towers))
     r = _Reader(_shards(folder))
     prefix = MM_PREFIX if any(k.startswith(MM_PREFIX) for k in r.where) else TEXT_PREFIX
     shapes = {hf_key(p, prefix): s for p, s in param_shapes(cfg).items()}
@@ -229,7 +241,9 @@ def load_checkpoint(
     }
     ignorable |= {f"{prefix}layers.{i}.self_attn.v_norm.weight" for i in range(cfg.num_hidden_layers)}
     if prefix == MM_PREFIX:
-        skipped = tuple(p for p in MM_IGNORED if not (towers and p.startswith(VISION_PREFIXES)))
+        t = cfg.towers
+        loaded = () if t is None else [TOWER_PREFIXES[k] for k in TOWER_PREFIXES if getattr(t, k) is not None]
+        skipped = tuple(p for p in MM_IGNORED if not any(p in pre for pre in loaded))
         ignorable |= {k for k in r.where if k.startswith(skipped)}
     _check_names(folder, r, shapes, ignorable, prefix + "embed_tokens.weight")
 

@@ -1,11 +1,14 @@
-"""Text with images: soft tokens in place of the placeholder tokens (`Gemma4Model.forward`)."""
+"""Text with images and audio: soft tokens in place of the placeholder tokens (`Gemma4Model.forward`)."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
 
 from g4.config import Config
+from g4.fn.audio import audio_soft
 from g4.fn.model import Soft, forward
 from g4.fn.vision import embed_soft, encode_images
 from g4.params import Params
@@ -30,6 +33,23 @@ def image_features(params: Params, cfg: Config, pixel_values: Tensor, image_posi
     return embed_soft(params.embed_vision, soft, v.rms_norm_eps)
 
 
+def audio_features(params: Params, cfg: Config, input_features: Tensor, input_features_mask: Tensor) -> Tensor:
+    """Every clip's real soft tokens in the text width, `[n, H]` (HF's `get_audio_features`, padding dropped)."""
+    t = cfg.towers
+    if t is None or t.audio is None or params.audio_tower is None or params.embed_audio is None:
+        raise ValueError("input_features: this model has no audio tower (load_checkpoint(..., towers=True))")
+    mel = t.audio.mel_bins
+    if input_features.dim() != 3 or input_features.shape[-1] != mel:
+        raise ValueError(f"input_features must be [B, F, {mel}], got {tuple(input_features.shape)}")
+    if input_features_mask.shape != input_features.shape[:2] or input_features_mask.dtype != torch.bool:
+        raise ValueError(
+            f"input_features_mask must be bool [B, F] = {tuple(input_features.shape[:2])}, got "
+            f"{input_features_mask.dtype} {tuple(input_features_mask.shape)}"
+        )
+    soft, real = audio_soft(params.audio_tower, params.embed_audio, t.audio, input_features, input_features_mask)
+    return soft[real]
+
+
 def image_blocks(is_image: Tensor) -> Tensor:
     """`[B, T]`: the number of each run of image placeholders (one image), -1 elsewhere (HF's block ids)."""
     start = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))
@@ -37,11 +57,16 @@ def image_blocks(is_image: Tensor) -> Tensor:
 
 
 def placeholders(cfg: Config, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """The ids with `<pad>` at the image placeholders (HF embeds those, then overwrites them) and where
-    they are `[B, T]`."""
+    """The ids with `<pad>` at the image and audio placeholders (HF embeds those, then overwrites them) and
+    where they are `[B, T]`."""
     assert cfg.towers is not None
-    where = input_ids == cfg.towers.image_token_id
+    where = is_any(input_ids, cfg.towers.soft_token_ids)
     return torch.where(where, cfg.pad_token_id, input_ids), where
+
+
+def is_any(input_ids: Tensor, ids: tuple[int, ...]) -> Tensor:
+    """Where `input_ids` holds one of `ids` (comparisons an export lowers, not `isin`)."""
+    return functools.reduce(torch.logical_or, (input_ids == i for i in ids))
 
 
 def spread(where: Tensor, rows: Tensor) -> Tensor:
@@ -49,21 +74,37 @@ def spread(where: Tensor, rows: Tensor) -> Tensor:
     return rows.new_zeros(*where.shape, rows.shape[-1]).masked_scatter(where[..., None], rows)
 
 
-def merge(cfg: Config, input_ids: Tensor, features: Tensor | None) -> tuple[Tensor, Soft | None, Tensor | None]:
-    """Tokens with pad at the placeholders, the soft tokens there, and the image blocks if attended both ways."""
+def in_order(cfg: Config, input_ids: Tensor, images: Tensor | None, audio: Tensor | None) -> Tensor | None:
+    """The image and the audio soft tokens `[n, H]` as their placeholders come in `input_ids` (what `merge` takes)."""
     assert cfg.towers is not None
-    tokens, is_image = placeholders(cfg, input_ids)
-    n = int(is_image.sum())
-    if n != (0 if features is None else features.shape[0]):
-        got = "no image" if features is None else f"{features.shape[0]} soft tokens"
-        raise ValueError(f"input_ids: {n} image placeholder tokens, but the images give {got}")
-    if features is None:
+    t, rows = cfg.towers, []
+    for feats, token, what, source in (
+        (images, t.image_token_id, "image", "images"),
+        (audio, t.audio_token_id, "audio", "clips"),
+    ):
+        where = input_ids == token
+        n, got = int(where.sum()), 0 if feats is None else feats.shape[0]
+        if n != got:
+            raise ValueError(
+                f"input_ids: {n} {what} placeholder tokens, but the {source} give {got or 'no'} soft tokens"
+            )
+        if feats is not None:
+            rows.append(spread(where, feats))
+    return None if not rows else sum(rows[1:], rows[0])[is_any(input_ids, t.soft_token_ids)]
+
+
+def merge(cfg: Config, input_ids: Tensor, soft: Tensor | None) -> tuple[Tensor, Soft | None, Tensor | None]:
+    """Tokens with pad at the placeholders, `soft [n, H]` there in order, and the image blocks if attended both ways."""
+    assert cfg.towers is not None
+    tokens, where = placeholders(cfg, input_ids)
+    n = int(where.sum())
+    if n != (0 if soft is None else soft.shape[0]):
+        got = "none" if soft is None else f"{soft.shape[0]}"
+        raise ValueError(f"input_ids: {n} image / audio placeholder tokens, but {got} soft tokens")
+    if soft is None:
         return tokens, None, None
-    return (
-        tokens,
-        (is_image, spread(is_image, features)),
-        image_blocks(is_image) if cfg.towers.bidirectional_vision else None,
-    )
+    is_image = input_ids == cfg.towers.image_token_id
+    return tokens, (where, spread(where, soft)), image_blocks(is_image) if cfg.towers.bidirectional_vision else None
 
 
 def multimodal_logits(
@@ -73,17 +114,23 @@ def multimodal_logits(
     *,
     pixel_values: Tensor | None = None,
     image_position_ids: Tensor | None = None,
+    input_features: Tensor | None = None,
+    input_features_mask: Tensor | None = None,
 ) -> Tensor:
-    """Logits `[B, T, V]` of the no-cache forward with each image's soft tokens at its placeholder tokens.
+    """Logits `[B, T, V]` of the no-cache forward with each image's and clip's soft tokens at their placeholders.
 
     Arguments are HF's processed inputs, by their HF names (`Gemma4Processor` output).
     """
     if cfg.towers is None:
         raise ValueError("cfg: no towers (load_checkpoint(..., towers=True))")
-    feats = None
+    images = audio = None
     if pixel_values is not None:
         if image_position_ids is None:
             raise ValueError("image_position_ids: needed with pixel_values")
-        feats = image_features(params, cfg, pixel_values, image_position_ids)
-    tokens, soft, blocks = merge(cfg, input_ids, feats)
+        images = image_features(params, cfg, pixel_values, image_position_ids)
+    if input_features is not None:
+        if input_features_mask is None:
+            raise ValueError("input_features_mask: needed with input_features")
+        audio = audio_features(params, cfg, input_features, input_features_mask)
+    tokens, soft, blocks = merge(cfg, input_ids, in_order(cfg, input_ids, images, audio))
     return forward(params, cfg, tokens, torch.arange(tokens.shape[1]), soft=soft, blocks=blocks)[0]
