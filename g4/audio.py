@@ -63,6 +63,18 @@ def soft_tokens(samples: int) -> int:
     return n
 
 
+def encoder_blocks(chunk: int, n: int) -> int:
+    """The block count k of `encoder_frames` for `n` frames: at least 2, as few as hold them."""
+    return max(2, -(-(n + 2 * chunk + 1) // (4 * chunk)))
+
+
+def encoder_frames(chunk: int, n: int) -> int:
+    """The frames an exported `audio_encoder` takes for `n` real frames (the rest padding, masked off):
+    4c·k − (2c + 1) for attention blocks of c (48k − 25 for Gemma 4's 12, as ExecuTorch's Gemma 4 runner
+    pads them). Its k blocks of queries after the 4x subsampling are then a length torch.export can prove."""
+    return 4 * chunk * encoder_blocks(chunk, n) - (2 * chunk + 1)
+
+
 def features(clips: list[np.ndarray]) -> tuple[Tensor, Tensor]:
     """HF's `input_features [n, F, 128]` (fp32 log-mel, zero where padding) and `input_features_mask [n, F]`
     for 16 kHz clips, padded together to the longest (rounded up to 128 samples)."""

@@ -451,7 +451,8 @@ def audio_shapes(a: AudioConfig, text_hidden: int) -> dict[str, tuple[int, ...]]
     return s
 
 
-TOWERS = ("vision_tower", "embed_vision", "audio_tower", "embed_audio")  # Params fields outside the text decoder
+VISION_TOWER, AUDIO_TOWER = ("vision_tower", "embed_vision"), ("audio_tower", "embed_audio")
+TOWERS = VISION_TOWER + AUDIO_TOWER  # Params fields outside the text decoder
 KV_WEIGHTS = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.k_norm")
 
 

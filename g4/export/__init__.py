@@ -20,6 +20,7 @@ import torch
 from executorch.exir.dialects._ops import ops as exir_ops
 from executorch.exir.pass_base import ExportPass, PassResult
 
+from g4.audio import FRAME, HOP, MAX_SAMPLES, encoder_blocks, encoder_frames, frames
 from g4.checkpoint import atomic_write, trim_heap
 from g4.config import AssistantConfig, Config
 from g4.export.fuse import fuse
@@ -36,7 +37,7 @@ from g4.export.quant import (
 )
 from g4.export.shim import KV_CACHES, DraftSpec, Shim, buffer_name
 from g4.image import SOFT_TOKENS
-from g4.params import TOWERS, Assistant, Params, leaves_with_path, param_shapes, tree_map_with_path
+from g4.params import AUDIO_TOWER, VISION_TOWER, Assistant, Params, leaves_with_path, param_shapes, tree_map_with_path
 
 DTYPES = ("fp32", "bf16")
 
@@ -63,6 +64,8 @@ class ExportOptions:
     vision: bool = _opt(False, "add the vision tower: `vision_encoder` and `text_decoder` methods")
     vision_quantize: str = _opt("none", "the vision tower's linear layers", LINEAR_MODES)
     max_soft_tokens: int = _opt(280, "most soft tokens per image (its patches: 9 times as many)", SOFT_TOKENS)
+    audio: bool = _opt(False, "add the audio tower: `audio_encoder`, `speech_transform` and `text_decoder` methods")
+    audio_quantize: str = _opt("none", "the audio tower's linear layers", LINEAR_MODES)
 
     def __attrs_post_init__(self) -> None:
         for f in attrs.fields(type(self)):
@@ -78,8 +81,8 @@ class ExportOptions:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.head_rows < 1:
             raise ValueError(f"head_rows must be >= 1, got {self.head_rows}")
-        if self.vision and (self.dtype != "fp32"):
-            raise ValueError("vision: the tower is exported with fp32 activations (--dtype fp32)")
+        if (self.vision or self.audio) and (self.dtype != "fp32"):
+            raise ValueError("vision / audio: the towers are exported with fp32 activations (--dtype fp32)")
 
     def check(self, cfg: Config) -> None:
         """Raises ValueError if a weight of `cfg` cannot take the quantization (int4 groups must divide widths)."""
@@ -101,8 +104,15 @@ class ExportOptions:
                     )
 
     def linear_mode(self, path: str) -> str:
-        """The linear scheme of the weight at `path`: the tower's own for the vision tower and its embedder."""
-        return self.vision_quantize if path.startswith(TOWERS) else self.quantize
+        """The linear scheme of the weight at `path`: a tower's own for a tower and its embedder."""
+        if path.startswith(VISION_TOWER):
+            return self.vision_quantize
+        return self.audio_quantize if path.startswith(AUDIO_TOWER) else self.quantize
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        """The towers to export: "vision", "audio"."""
+        return ("vision",) * self.vision + ("audio",) * self.audio
 
     @property
     def chunk(self) -> int:
@@ -171,15 +181,23 @@ def check_drafter(opts: ExportOptions, tokens: int) -> None:
         raise ValueError(f"a verify step of 1 + {tokens} draft tokens does not fit a prefill chunk of {opts.chunk}")
 
 
-def check_vision(cfg: Config, params: Params | None, drafter: DraftSpec | None) -> None:
-    """Raises ValueError unless the vision tower (of `params`, if given) can go into the program."""
+def check_towers(cfg: Config, params: Params | None, drafter: DraftSpec | None, towers: tuple[str, ...]) -> None:
+    """Raises ValueError unless the `towers` ("vision", "audio"; of `params`, if given) can go into the program."""
     t = cfg.towers
-    if t is None or t.vision is None or (params is not None and params.vision_tower is None):
-        raise ValueError("vision: the model has no vision tower (a multimodal checkpoint, loaded with towers=True)")
-    if t.bidirectional_vision:
+    for kind in towers:
+        if t is None or getattr(t, kind) is None or (params is not None and getattr(params, f"{kind}_tower") is None):
+            raise ValueError(f"{kind}: the model has no {kind} tower (a multimodal checkpoint, towers=True)")
+    if "vision" in towers and t is not None and t.bidirectional_vision:
         raise ValueError("vision: bidirectional image attention (use_bidirectional_attention 'vision') is not exported")
-    if drafter is not None:
-        raise ValueError("vision: a program with a drafter takes no vision tower yet")
+    if towers and drafter is not None:
+        raise ValueError(f"{towers[0]}: a program with a drafter takes no towers yet")
+
+
+def only_towers(cfg: Config, params: Params, towers: tuple[str, ...]) -> tuple[Config, Params]:
+    """`cfg` and `params` without the towers not in `towers` (their weights would be buffers nothing reads)."""
+    t = None if cfg.towers is None else cfg.towers.only("vision" in towers, "audio" in towers)
+    drop = [*(VISION_TOWER * ("vision" not in towers)), *(AUDIO_TOWER * ("audio" not in towers))]
+    return attrs.evolve(cfg, towers=t), attrs.evolve(params, **dict.fromkeys(drop))
 
 
 def quantize_assistant(acfg: AssistantConfig, a: Assistant, opts: ExportOptions) -> Assistant:
@@ -202,14 +220,23 @@ def quantize_assistant(acfg: AssistantConfig, a: Assistant, opts: ExportOptions)
 def metadata(cfg: Config, opts: ExportOptions, drafter: DraftSpec | None = None) -> dict[str, Any]:
     """Constant methods the ExecuTorch LLM runner reads (and g4's own: `get_draft_tokens`)."""
     extra: dict[str, Any] = {"get_draft_tokens": drafter.tokens} if drafter else {}
-    if opts.vision and cfg.towers is not None and (v := cfg.towers.vision) is not None:
+    t = cfg.towers
+    if opts.vision and t is not None and (v := t.vision) is not None:
         extra |= {  # what a runner needs to cut images into patches and lay out the prompt
-            "get_image_token_id": cfg.towers.image_token_id,
-            "get_boi_token_id": cfg.towers.boi_token_id,
-            "get_eoi_token_id": cfg.towers.eoi_token_id,
+            "get_image_token_id": t.image_token_id,
+            "get_boi_token_id": t.boi_token_id,
+            "get_eoi_token_id": t.eoi_token_id,
             "get_patch_size": v.patch_size,
             "get_pooling_kernel_size": v.pooling_kernel_size,
             "get_max_soft_tokens": opts.max_soft_tokens,
+        }
+    if opts.audio and t is not None and t.audio is not None:
+        extra |= {  # a clip's prompt: boa, one audio token per soft token, eoa
+            "get_audio_token_id": t.audio_token_id,
+            "get_boa_token_id": t.boa_token_id,
+            "get_eoa_token_id": t.eoa_token_id,
+            "get_max_audio_samples": MAX_SAMPLES,
+            "get_audio_chunk_size": t.audio.attention_chunk_size,  # clips are padded to `encoder_frames`
         }
     return extra | {
         "get_max_seq_len": opts.chunk,
@@ -388,8 +415,8 @@ def _lower(
         more: dict[str, tuple[Any, ...]] = {}
         if shim.drafter:
             more["draft"] = (tuple(torch.ones(s, dtype=torch.int64) for s in ((1, 1), (1,), (1,))), None)
-        if opts.vision:
-            more |= _vision_methods(shim, opts)
+        if opts.towers:
+            more |= _tower_methods(shim, opts)
         for name, (args, shapes) in more.items():
             shim.forward = getattr(shim, name)  # type: ignore[method-assign]
             try:
@@ -427,24 +454,29 @@ def _lower(
     return prog
 
 
-def _vision_methods(shim: Shim, opts: ExportOptions) -> dict[str, tuple[Any, ...]]:
-    """Example inputs and dynamic shapes of `vision_encoder` (up to `max_soft_tokens` per image) and
-    `text_decoder` (up to a chunk)."""
-    assert shim.cfg.towers is not None and shim.cfg.towers.vision is not None
-    v, n = shim.cfg.towers.vision, min(2, opts.chunk)
-    kk = v.pooling_kernel_size**2
-    N = kk * torch.export.Dim("soft", min=1, max=opts.max_soft_tokens)
-    T = torch.export.Dim("T", min=1, max=opts.chunk)
-    pixels = (torch.zeros(1, 2 * kk, 3 * v.patch_size**2), torch.zeros(1, 2 * kk, 2, dtype=torch.int64))
-    decoder = (
-        torch.zeros(1, n, dtype=torch.int64),
-        torch.arange(n),
-        torch.zeros(1, n, shim.cfg.hidden_size),
-    )
-    return {
-        "vision_encoder": (pixels, ({1: N}, {1: N})),
-        "text_decoder": (decoder, ({1: T}, {0: T}, {1: T})),
-    }
+def _tower_methods(shim: Shim, opts: ExportOptions) -> dict[str, tuple[Any, ...]]:
+    """Example inputs and dynamic shapes of `text_decoder` (up to a chunk), `vision_encoder` (up to
+    `max_soft_tokens` per image), `audio_encoder` and `speech_transform` (up to 30 s)."""
+    t, n, Dim = shim.cfg.towers, min(2, opts.chunk), torch.export.Dim
+    assert t is not None
+    T = Dim("T", min=1, max=opts.chunk)
+    decoder = (torch.zeros(1, n, dtype=torch.int64), torch.arange(n), torch.zeros(1, n, shim.cfg.hidden_size))
+    methods: dict[str, tuple[Any, ...]] = {"text_decoder": (decoder, ({1: T}, {0: T}, {1: T}))}
+    if opts.vision and (v := t.vision) is not None:
+        kk = v.pooling_kernel_size**2
+        N = kk * Dim("soft", min=1, max=opts.max_soft_tokens)
+        pixels = (torch.zeros(1, 2 * kk, 3 * v.patch_size**2), torch.zeros(1, 2 * kk, 2, dtype=torch.int64))
+        methods["vision_encoder"] = (pixels, ({1: N}, {1: N}))
+    if opts.audio and (a := t.audio) is not None:
+        # frames on the example's grid (`encoder_frames`): block counts torch.export can prove for every length
+        c = a.attention_chunk_size
+        F = 4 * c * Dim("audio_blocks", min=2, max=encoder_blocks(c, frames(MAX_SAMPLES))) - (2 * c + 1)
+        n = encoder_frames(c, 1)
+        clip = (torch.zeros(1, n, a.mel_bins), torch.ones(1, n, dtype=torch.bool))
+        methods["audio_encoder"] = (clip, ({1: F}, {1: F}))
+        S = Dim("samples", min=FRAME + HOP // 2 + 1, max=MAX_SAMPLES)
+        methods["speech_transform"] = ((torch.zeros(4000),), ({0: S},))
+    return methods
 
 
 def export_pte(
@@ -468,8 +500,8 @@ def export_pte(
         params = fuse(params, cfg)
     if drafter:
         check_drafter(opts, drafter.tokens)
-    if opts.vision:
-        check_vision(cfg, params, drafter)
+    check_towers(cfg, params, drafter, opts.towers)
+    cfg, params = only_towers(cfg, params, opts.towers)
     custom = opts.dtype == "fp32"
     shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=custom, kv_cache=opts.kv_cache, drafter=drafter)
     del params

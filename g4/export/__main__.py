@@ -19,7 +19,7 @@ from g4.export import (
     ExportOptions,
     Quantizer,
     check_drafter,
-    check_vision,
+    check_towers,
     export_pte,
     memory,
     quantize_assistant,
@@ -153,20 +153,20 @@ def run(a: argparse.Namespace) -> int:
     try:
         opts = ExportOptions(**{f.name: getattr(a, f.name) for f in attrs.fields(ExportOptions)})
         cfg, ckpt, source = weights_source(a)
-        if opts.vision and ckpt is None:  # random weights: the size's tower
+        if opts.towers and ckpt is None:  # random weights: the size's towers
             if a.size not in TOWERS:
-                raise UsageError(f"--vision: no vision tower for {a.size} ({', '.join(TOWERS)} have one)")
-            cfg = attrs.evolve(cfg, towers=TOWERS[a.size])
-        elif opts.vision and ckpt is not None:  # fail before any weight is read
-            cfg = attrs.evolve(cfg, towers=read_towers(ckpt))
+                flag = f"--{opts.towers[0]}"
+                raise UsageError(f"{flag}: no {opts.towers[0]} tower for {a.size} ({', '.join(TOWERS)} have one)")
+            cfg = attrs.evolve(cfg, towers=TOWERS[a.size].only(opts.vision, opts.audio))
+        elif opts.towers and ckpt is not None:  # fail before any weight is read
+            cfg = attrs.evolve(cfg, towers=read_towers(ckpt, opts.towers))
         opts.check(cfg)  # e.g. an int4 group size that does not divide a width of this config
         # The tokenizer travels with the .pte: the checkpoint's, or the tiny model's (random E2B/E4B weights
         # have none). The runners stop at the .pte's eos ids: Gemma 4's end of turn and tool-call stops too.
         tok_folder = ckpt if ckpt is not None else TINY if is_tiny(a.size) else None
         stops = stop_ids(tok_folder, cfg.eos_token_id)
         drafter = assistant(a, cfg, opts)
-        if opts.vision:
-            check_vision(cfg, None, drafter)
+        check_towers(cfg, None, drafter, opts.towers)
     except ValueError as e:  # GenerateError, ConfigError too
         raise UsageError(str(e)) from None
     tokenizers = [] if tok_folder is None else tokenizer_files(tok_folder, out, a.force)
@@ -176,7 +176,7 @@ def run(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if ckpt is not None:
         try:
-            cfg, weights = load_checkpoint(ckpt, dtype=None, transform=q, progress=True, towers=opts.vision)
+            cfg, weights = load_checkpoint(ckpt, dtype=None, transform=q, progress=True, towers=opts.towers)
         except CheckpointError as e:
             raise UsageError(str(e)) from None
     else:
@@ -206,6 +206,7 @@ def run(a: argparse.Namespace) -> int:
             if opts.vision
             else ""
         )
+        + (f" | audio: up to 30 s a clip, linear {opts.audio_quantize}" if opts.audio else "")
     )
     return 0
 

@@ -4,7 +4,8 @@ It holds the parameter tree's leaves and the cache's as buffers, rebuilds both t
 `forward(tokens, input_pos)` and calls `g4.forward` with ExecuTorch's hooks (`g4.export.et`), which
 update the cache buffers in place. With an assistant it also holds the drafter's tree, and `draft`
 (a second method) reads the same cache buffers and the hidden states `forward` leaves behind. With a
-vision tower in the tree, `vision_encoder` and `text_decoder` follow ExecuTorch's Gemma 4 example.
+vision or audio tower in the tree, `vision_encoder`, `audio_encoder`, `speech_transform` and `text_decoder`
+follow ExecuTorch's Gemma 4 example.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils import _pytree
 
 from g4.config import SLIDING, AssistantConfig, Config
 from g4.export.et import draft_hooks, et_hooks, inplace_hooks, load_custom_ops, rotate_half_matrix
+from g4.fn.audio import audio_soft, log_mel
 from g4.fn.cache import Cache, init_cache, slot_positions
 from g4.fn.draft import draft_ring, draft_step, target_kv
 from g4.fn.model import embed, head, hidden_states
@@ -101,9 +103,21 @@ class Shim(nn.Module):
         return self._decode(tokens, input_pos)
 
     def text_decoder(self, input_ids: Tensor, input_pos: Tensor, inputs_embeds: Tensor) -> Tensor:
-        """`forward` with `inputs_embeds [1, T, H]` at the image placeholders of `input_ids [1, T]` (the rest of
-        it is not read); `input_pos [T]`, from its first. ExecuTorch's Gemma 4 example's decoder method."""
+        """`forward` with `inputs_embeds [1, T, H]` at the image and audio placeholders of `input_ids [1, T]` (the
+        rest of it is not read); `input_pos [T]`, from its first. ExecuTorch's Gemma 4 example's decoder method."""
         return self._decode(input_ids, input_pos, inputs_embeds)
+
+    def audio_encoder(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """A clip's soft tokens in the text width `[1, F/4, H]` and which are real `[1, F/4]` (a prefix), from its
+        log-mel frames `[1, F, mel]` and which are real `[1, F]`. The example's encoder method."""
+        t, params = self.cfg.towers, self.params()
+        assert t is not None and t.audio is not None
+        assert params.audio_tower is not None and params.embed_audio is not None
+        return audio_soft(params.audio_tower, params.embed_audio, t.audio, features, mask)
+
+    def speech_transform(self, waveform: Tensor) -> Tensor:
+        """Log-mel frames `[F, mel]` of 16 kHz samples `[N]` (`g4.fn.audio.log_mel`). The example's method."""
+        return log_mel(waveform)
 
     def vision_encoder(self, pixel_values: Tensor, pixel_position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """An image's soft tokens in the text width `[1, N/k^2, H]` and which are real `[1, N/k^2]` (a prefix),

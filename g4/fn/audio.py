@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from g4.audio import FFT, FRAME, HOP, MEL_FLOOR, mel_filters
 from g4.config import AudioConfig
 from g4.fn.ops import rms_norm
 from g4.fn.vision import clipped, embed_soft
@@ -32,7 +34,8 @@ def subsample(p: Subsample, ac: AudioConfig, features: Tensor, valid: Tensor) ->
     for layer in (p.layer0, p.layer1):
         x = F.conv2d(x * valid[:, None, :, None], layer.conv, stride=2, padding=1)  # padding frames zeroed first
         x = F.relu(F.layer_norm(x.permute(0, 2, 3, 1), layer.norm.shape, layer.norm, None, ac.rms_norm_eps))
-        x, valid = x.permute(0, 3, 1, 2).contiguous(), valid[:, ::2]  # contiguous: the next conv as HF runs it
+        x = x.permute(0, 3, 1, 2).contiguous()  # [B, C, F/2, mel/2] as HF hands it on (the next conv's path)
+        valid = valid[:, torch.arange(x.shape[2]) * 2]  # every other frame: `::2`, sized by the conv's output
     return F.linear(x.permute(0, 2, 3, 1).flatten(2), p.input_proj_linear), valid  # [B, F/4, mel/4 * C1]
 
 
@@ -58,7 +61,7 @@ def block_mask(ac: AudioConfig, valid: Tensor) -> Tensor:
     """
     T, chunk = valid.shape[1], ac.attention_chunk_size
     C, past = context(ac)
-    nb = -(-T // chunk)
+    nb = (T + chunk - 1) // chunk
     q = torch.arange(nb * chunk).view(nb, chunk, 1)  # [nb, chunk, 1]
     k = q - q % chunk - past + torch.arange(C)  # [nb, chunk, C]: the block's first frame - past + j
     d = q - k
@@ -69,7 +72,7 @@ def block_mask(ac: AudioConfig, valid: Tensor) -> Tensor:
 
 def blocks(x: Tensor, chunk: int, C: int, past: int) -> Tensor:
     """`[B, T, H, d]` -> each block's context `[B, nb, C, H, d]`: frames `block * chunk - past` onward."""
-    nb = -(-x.shape[1] // chunk)
+    nb = (x.shape[1] + chunk - 1) // chunk
     x = F.pad(x, (0, 0, 0, 0, past, C - past - 1))  # zeros before the first frame and after the last
     return x[:, torch.arange(nb)[:, None] * chunk + torch.arange(C)]
 
@@ -89,7 +92,7 @@ def attention(p: AudioAttention, ac: AudioConfig, x: Tensor, pos: Tensor, masked
     q, k, v = (clipped(w, x).float().unflatten(-1, (H, d)) for w in (p.q_proj, p.k_proj, p.v_proj))
     q = q * (d**-0.5 / math.log(2)) * F.softplus(p.per_dim_scale)
     k = k * K_SCALE
-    nb = -(-T // chunk)
+    nb = (T + chunk - 1) // chunk
     q = F.pad(q, (0, 0, 0, 0, 0, nb * chunk - T)).reshape(B, nb, chunk, H, d).permute(0, 3, 1, 2, 4)  # [B,H,nb,c,d]
     k, v = (blocks(t, chunk, C, past).permute(0, 3, 1, 2, 4) for t in (k, v))  # [B, H, nb, C, d]
     rel = F.linear(pos, p.relative_k_proj).reshape(-1, H, d).float()  # [P, H, d]
@@ -142,6 +145,20 @@ def encode(t: AudioTower, ac: AudioConfig, features: Tensor, valid: Tensor) -> t
     for p in t.layers:
         x = layer(p, ac, x, pos, masked)
     return F.linear(x, t.output_proj.weight, t.output_proj.bias), valid
+
+
+def log_mel(waveform: Tensor) -> Tensor:
+    """`g4.audio.features` of one clip `[N]` (no padding, no mask) as tensor ops an export lowers: the
+    real DFT as two matmuls (fp32, where numpy's FFT and the filters run in fp64), `[F, MEL_BINS]`."""
+    n = (waveform.shape[0] + FRAME // 2 - (FRAME + 1)) // HOP + 1
+    x = F.pad(waveform.float(), (FRAME // 2, 0))
+    window = torch.from_numpy(np.hanning(FRAME + 1)[:-1].astype(np.float32))
+    frames = x[torch.arange(n)[:, None] * HOP + torch.arange(FRAME)] * window  # [F, FRAME]
+    k = torch.arange(FRAME, dtype=torch.float64)[:, None] * torch.arange(FFT // 2 + 1, dtype=torch.float64)
+    angle = (2 * math.pi / FFT) * torch.remainder(k, FFT)  # [FRAME, FFT/2 + 1]: exact in fp64 before the cos
+    re, im = frames @ torch.cos(angle).float(), frames @ torch.sin(angle).float()
+    mel = torch.sqrt(re * re + im * im) @ torch.from_numpy(mel_filters()).float()
+    return torch.log(mel + MEL_FLOOR)
 
 
 def audio_soft(t: AudioTower, e: Embedder, ac: AudioConfig, features: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
