@@ -32,6 +32,7 @@ def load_wav(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: not a PCM WAV file ({e})") from None
     if rate != SAMPLE_RATE:
         raise ValueError(f"{path}: {rate} Hz; the audio tower takes {SAMPLE_RATE} Hz (ffmpeg -i IN -ar 16000 OUT.wav)")
+    x: np.ndarray
     if width == 1:  # unsigned 8-bit
         x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
     elif width in (2, 4):

@@ -13,7 +13,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from g4.generation import AnyDrafter, GenerateError, Generation, Model, Sampler, generate
+from g4.generation import AnyDrafter, GenerateError, Generation, Model, Sampler, generate, soft_ids
 
 # Gemma 4's format, written for the tiny model; used for a tokenizer folder that carries no template.
 GEMMA4_TEMPLATE = Path(__file__).parent / "assets" / "tiny" / "chat_template.jinja"
@@ -179,14 +179,14 @@ class Chat:
     messages: list[Message] = attrs.field(factory=list)
     cached: list[int] = attrs.field(factory=list)  # tokens the model's cache holds, from position 0
     drafter: AnyDrafter | None = None  # speculative decoding
-    soft: Tensor | None = None  # the soft tokens of every image in the conversation, in order
+    soft: Tensor | None = None  # the soft tokens of every image and clip in the conversation, in order
 
     def _soft(self, ids: list[int], start: int) -> Tensor | None:
         """The soft tokens of the placeholders in `ids[start:]` (those before were fed with the cache)."""
-        v = self.model.vision
-        if v is None or self.soft is None:
+        if self.soft is None:
             return None
-        before, here = ids[:start].count(v.image_token_id), ids[start:].count(v.image_token_id)
+        token = soft_ids(self.model)
+        before, here = (sum(part.count(i) for i in token) for part in (ids[:start], ids[start:]))
         return self.soft[before : before + here] if here else None
 
     def text(self) -> str:
@@ -208,7 +208,7 @@ class Chat:
         soft: Tensor | None = None,
     ) -> Generation:
         """Adds `messages`, generates the model's reply and adds it to the conversation. `soft`: the soft
-        tokens of the images `messages` add (their placeholders are in the messages' text)."""
+        tokens of the images and clips `messages` add (their placeholders are in the messages' text)."""
         self.messages += messages
         if soft is not None:
             self.soft = soft if self.soft is None else torch.cat([self.soft, soft])

@@ -12,14 +12,16 @@ from typing import Any
 
 import attrs
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from g4.audio import encoder_frames
 from g4.config import AssistantConfig, Config, VisionConfig
 from g4.fn import cache as kv
 from g4.fn import init_cache
 from g4.fn.draft import draft_ring, draft_step, target_kv
 from g4.fn.model import embed, head, hidden_states
-from g4.fn.multimodal import image_features, merge, spread
+from g4.fn.multimodal import audio_features, image_features, is_any, merge, spread
 from g4.image import SOFT_TOKENS
 from g4.memory import no_mlock, page_on_demand
 from g4.params import Assistant, Params
@@ -75,6 +77,30 @@ class Vision:
 VISION_META = ("max_soft_tokens", "image_token_id", "boi_token_id", "eoi_token_id", "patch_size", "pooling_kernel_size")
 
 
+@attrs.frozen
+class Audio:
+    """What a model with an audio tower takes: 16 kHz clips of up to 30 s, each written as `boa`, one
+    `audio_token_id` per soft token, `eoa`; its encoder attends in blocks of `audio_chunk_size` frames."""
+
+    audio_token_id: int
+    boa_token_id: int
+    eoa_token_id: int
+    audio_chunk_size: int
+
+    def placeholders(self, n: int) -> list[int]:
+        """The prompt ids of a clip with `n` soft tokens."""
+        return [self.boa_token_id, *[self.audio_token_id] * n, self.eoa_token_id]
+
+
+AUDIO_META = tuple(f.name for f in attrs.fields(Audio))  # the `get_` constant methods of an audio program
+
+
+def soft_ids(model: PteModel | EagerModel) -> tuple[int, ...]:
+    """The placeholder ids soft tokens replace in `model`'s prompts: its image token, its audio token."""
+    v, a = model.vision, model.audio
+    return (*(() if v is None else (v.image_token_id,)), *(() if a is None else (a.audio_token_id,)))
+
+
 class PteModel:
     """A .pte that follows ExecuTorch's LLM-runner conventions: `forward(tokens [1, T], input_pos [1])`.
 
@@ -120,13 +146,20 @@ class PteModel:
         self.method = prog.load_method("forward")
         self._draft = prog.load_method("draft") if self.draft_tokens else None
         self.vision: Vision | None = None  # how images are cut and laid out, if the program has a vision tower
+        self.audio: Audio | None = None  # how clips are laid out, if the program has an audio tower
+
+        def meta(method: str, names_: tuple[str, ...]) -> dict[str, int]:
+            got = {n: const(f"get_{n}") for n in names_}
+            if absent := [f"get_{n}" for n, v in got.items() if not v]:
+                raise GenerateError(f"{path}: {method} without {', '.join(absent)} (export it again)")
+            return {n: v[0] for n, v in got.items()}
+
         if "vision_encoder" in names:
-            meta = {n: const(f"get_{n}") for n in VISION_META}
-            if absent := [f"get_{n}" for n, v in meta.items() if not v]:
-                raise GenerateError(f"{path}: a vision_encoder without {', '.join(absent)} (export it again)")
-            m = {n: v[0] for n, v in meta.items()}
+            m = meta("a vision_encoder", VISION_META)
             v = VisionConfig(patch_size=m.pop("patch_size"), pooling_kernel_size=m.pop("pooling_kernel_size"))
             self.vision = Vision(v, **m)
+        if "audio_encoder" in names:
+            self.audio = Audio(**meta("an audio_encoder", AUDIO_META))
         self._prog = prog
         self._methods: dict[str, Any] = {}
 
@@ -140,10 +173,19 @@ class PteModel:
         emb, real = self._method("vision_encoder")([pixel_values.contiguous(), positions.contiguous()])
         return emb[0][real[0]]
 
+    def encode_audio(self, features: Tensor, mask: Tensor) -> Tensor:
+        """The real soft tokens `[n, H]` of one clip (`features [1, F, mel]`, `mask [1, F]`), its frames padded
+        to the encoder's grid (`g4.audio.encoder_frames`)."""
+        assert self.audio is not None
+        pad = encoder_frames(self.audio.audio_chunk_size, features.shape[1]) - features.shape[1]
+        args = [F.pad(features, (0, 0, 0, pad)).contiguous(), F.pad(mask, (0, pad)).contiguous()]
+        emb, real = self._method("audio_encoder")(args)
+        return emb[0][real[0]]
+
     def verify(self, tokens: Sequence[int], start: int, last: int | None = None, soft: Tensor | None = None) -> Tensor:
         """Logits `[K, V]` of the last tokens fed at positions `start...` (in chunks the .pte accepts):
         K = 1, or with a drafter min(T, 1 + N) of the last chunk's T (`last` is the program's own). `soft`:
-        soft tokens `[n, H]` for the image placeholders among `tokens`, in order (`text_decoder`)."""
+        soft tokens `[n, H]` for the image and audio placeholders among `tokens`, in order (`text_decoder`)."""
         logits = None
         embeds = None if soft is None else self._embeds(tokens, soft)
         for i in range(0, len(tokens), self.max_chunk):
@@ -158,8 +200,7 @@ class PteModel:
 
     def _embeds(self, tokens: Sequence[int], soft: Tensor) -> Tensor:
         """`[1, T, H]`: the soft tokens at the placeholders, zeros elsewhere (the text_decoder's input)."""
-        assert self.vision is not None
-        return spread(torch.tensor([list(tokens)]) == self.vision.image_token_id, soft)
+        return spread(is_any(torch.tensor([list(tokens)]), soft_ids(self)), soft)
 
     def step(self, tokens: Sequence[int], start: int) -> Tensor:
         """Logits `[V]` after feeding `tokens` at positions `start...`."""
@@ -189,8 +230,11 @@ class EagerModel:
         self.cache = self._empty()
         t = cfg.towers
         self.vision: Vision | None = None
+        self.audio: Audio | None = None
         if t is not None and t.vision is not None and params.vision_tower is not None:
             self.vision = Vision(t.vision, max(SOFT_TOKENS), t.image_token_id, t.boi_token_id, t.eoi_token_id)
+        if t is not None and t.audio is not None and params.audio_tower is not None:
+            self.audio = Audio(t.audio_token_id, t.boa_token_id, t.eoa_token_id, t.audio.attention_chunk_size)
 
     def _empty(self) -> kv.Cache:
         dtype = self.params.norm.dtype
@@ -201,10 +245,15 @@ class EagerModel:
         with torch.no_grad():
             return image_features(self.params, self.cfg, pixel_values, positions)
 
+    def encode_audio(self, features: Tensor, mask: Tensor) -> Tensor:
+        """The real soft tokens `[n, H]` of the clips (`features [B, F, mel]`, `mask [B, F]`)."""
+        with torch.no_grad():
+            return audio_features(self.params, self.cfg, features, mask)
+
     def verify(self, tokens: Sequence[int], start: int, last: int | None = None, soft: Tensor | None = None) -> Tensor:
         """Logits `[K, V]` (fp32) of the last K = min(T, `last`) tokens fed at `start...` (all T without
         `last`); their final hidden states stay in `hidden` `[K, H]` for a drafter. A call forgets what
-        the cache held from `start` on (rejected drafts). `soft`: the soft tokens of the image
+        the cache held from `start` on (rejected drafts). `soft`: the soft tokens of the image and audio
         placeholders among `tokens`, in order."""
         if start == 0:
             self.cache = self._empty()
@@ -369,7 +418,7 @@ class Generation:
 
 def check_prompt(model: Model, prompt: Sequence[int], start: int, soft: Tensor | None = None) -> None:
     """Raises GenerateError if `prompt` is empty, does not fit the context after `start`, has bad ids, or
-    image placeholders other than `soft`'s rows."""
+    image / audio placeholders other than `soft`'s rows."""
     if not prompt:
         raise GenerateError("prompt is empty")
     if start + len(prompt) >= model.max_context:
@@ -378,13 +427,14 @@ def check_prompt(model: Model, prompt: Sequence[int], start: int, soft: Tensor |
         )
     if max(prompt) >= model.vocab_size or min(prompt) < 0:
         raise GenerateError(f"prompt token ids must be in [0, {model.vocab_size})")
-    if model.vision is None:
+    ids = soft_ids(model)
+    if not ids:
         if soft is not None:
-            raise GenerateError("images: this model has no vision tower (export with --vision)")
+            raise GenerateError("images / audio: this model has no towers (export with --vision, --audio)")
         return
-    n, want = prompt.count(model.vision.image_token_id), 0 if soft is None else soft.shape[0]
+    n, want = sum(prompt.count(i) for i in ids), 0 if soft is None else soft.shape[0]
     if n != want:
-        raise GenerateError(f"prompt has {n} image placeholder tokens for {want} soft tokens of its images")
+        raise GenerateError(f"prompt has {n} image / audio placeholder tokens for {want} soft tokens")
 
 
 def generate(

@@ -12,6 +12,7 @@ import attrs
 import torch
 
 from g4 import chat
+from g4.audio import SAMPLE_RATE, features, load_wav
 from g4.checkpoint import CheckpointError, load_assistant, load_checkpoint
 from g4.config import CONFIGS, TOWERS, ConfigError
 from g4.generation import AnyDrafter, Drafter, EagerModel, GenerateError, PteDrafter, PteModel, Sampler, generate
@@ -61,6 +62,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--image", action="append", help="image file to put before the prompt (repeatable; a .pte exported --vision)"
     )
     ap.add_argument(
+        "--audio",
+        action="append",
+        help="16 kHz WAV file to put before the prompt, after any images (repeatable; a .pte exported --audio)",
+    )
+    ap.add_argument(
         "--max-soft-tokens",
         type=int,
         help="soft tokens an image may take (70..1120; default 280, or the .pte's most)",
@@ -89,12 +95,12 @@ def eager_model(a: argparse.Namespace, max_context: int) -> tuple[EagerModel, Dr
     """The pure forward with --checkpoint or --size weights, and the --assistant drafter."""
     try:
         if a.checkpoint:
-            cfg, params = load_checkpoint(a.checkpoint, towers=bool(a.image))
+            cfg, params = load_checkpoint(a.checkpoint, towers=("vision",) * bool(a.image) + ("audio",) * bool(a.audio))
         elif a.size in CONFIGS:
             cfg = CONFIGS[a.size]
-            if a.image:
+            if a.image or a.audio:
                 if a.size not in TOWERS:
-                    raise GenerateError(f"--image: no vision tower for --size {a.size}")
+                    raise GenerateError(f"--{'image' if a.image else 'audio'}: no towers for --size {a.size}")
                 cfg = attrs.evolve(cfg, towers=TOWERS[a.size])
             params = init_params(cfg, seed=0)
         else:
@@ -137,8 +143,8 @@ def check_args(a: argparse.Namespace) -> None:
             "--assistant drafts with --eager; a .pte drafts with the drafter exported into it (g4.export --assistant)",
         ),
         (
-            bool(a.image) and (a.tokens is not None or a.compare or a.render),
-            "--image goes with --prompt or --chat (not --tokens, --compare or --render)",
+            bool(a.image or a.audio) and (a.tokens is not None or a.compare or a.render),
+            f"--{'image' if a.image else 'audio'} goes with --prompt or --chat (not --tokens, --compare or --render)",
         ),
     ]
     for is_bad, message in bad:
@@ -192,12 +198,15 @@ def run(a: argparse.Namespace) -> int:
             raise GenerateError(f"--tokens must be comma-separated integers, got {a.tokens!r}") from None
         return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, None, a, drafter)
     tok = load_tokenizer(tok_path, model.vocab_size)
-    soft, image_ids = images(model, a.image or [], a.max_soft_tokens)
+    soft, ids_mm = images(model, a.image or [], a.max_soft_tokens)
+    heard, audio_ids = clips(model, a.audio or [])
+    soft = heard if soft is None else soft if heard is None else torch.cat([soft, heard])
+    ids_mm += audio_ids  # the images' placeholders, then the clips', open the prompt
     if not a.chat:
         if a.render:
             print(tok.id_to_token(model.bos_id) + a.prompt, end="")
             return 0
-        prompt = [model.bos_id, *image_ids, *tok.encode(a.prompt, add_special_tokens=False).ids]
+        prompt = [model.bos_id, *ids_mm, *tok.encode(a.prompt, add_special_tokens=False).ids]
         if pte and eager:
             return compare(pte, eager, prompt, a)
         return complete(model, prompt, tok, a, drafter, soft)
@@ -206,7 +215,7 @@ def run(a: argparse.Namespace) -> int:
         model, tok, chat.template(folder), chat.special_tokens(folder), enable_thinking=a.think, drafter=drafter
     )
     first = ([{"role": "system", "content": a.system}] if a.system else []) + read_messages(a.messages)
-    pictures = "".join(tok.id_to_token(i) for i in image_ids)  # the images open the first user turn
+    pictures = "".join(tok.id_to_token(i) for i in ids_mm)  # the images open the first user turn
     if a.prompt is not None or a.messages:
         first += [{"role": "user", "content": pictures + a.prompt}] if a.prompt is not None else []
         if a.render:
@@ -221,6 +230,29 @@ def run(a: argparse.Namespace) -> int:
         turn(session, [*first, {"role": "user", "content": pictures + line.rstrip("\n")}], tok, a, soft)
         first, pictures, soft = [], "", None
     return 0
+
+
+def clips(model: EagerModel | PteModel, paths: list[str]) -> tuple[torch.Tensor | None, list[int]]:
+    """The soft tokens `[n, H]` of the --audio files, and their placeholder ids."""
+    if not paths:
+        return None, []
+    au = model.audio
+    if au is None:
+        raise GenerateError(
+            f"--audio: {getattr(model, 'path', 'the model')} has no audio tower (export it with --audio)"
+        )
+    try:
+        samples = [load_wav(p) for p in paths]
+        feats = [features([s]) for s in samples]
+    except ValueError as e:
+        raise GenerateError(f"--audio {e}") from None
+    t = time.perf_counter()
+    soft = [model.encode_audio(x, m) for x, m in feats]
+    seconds = sum(s.size for s in samples) / SAMPLE_RATE
+    ms = (time.perf_counter() - t) * 1000 / seconds
+    n = sum(x.shape[0] for x in soft)
+    print(f"audio: {len(paths)} clip(s), {seconds:.1f} s, {n} soft tokens, {ms:.1f} ms per second", file=sys.stderr)
+    return torch.cat(soft), [i for x in soft for i in au.placeholders(x.shape[0])]
 
 
 def images(model: EagerModel | PteModel, paths: list[str], budget: int | None) -> tuple[torch.Tensor | None, list[int]]:

@@ -83,10 +83,10 @@ def pte_draft(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pte_vision(tmp_path_factory):
-    """tiny (seed 0) fp32 with the tiny vision tower: `vision_encoder` (up to 70 soft tokens an image) and
-    `text_decoder` beside `forward`."""
-    out = tmp_path_factory.mktemp("vision") / "tiny-vision.pte"
-    flags = ["--max-seq-len", "160", "--max-chunk", str(CHUNK), "--vision", "--max-soft-tokens", "70"]
+def pte_towers(tmp_path_factory):
+    """tiny (seed 0) fp32 with the tiny vision and audio towers: `vision_encoder` (up to 70 soft tokens an
+    image), `audio_encoder`, `speech_transform` and `text_decoder` beside `forward`."""
+    out = tmp_path_factory.mktemp("towers") / "tiny-towers.pte"
+    flags = ["--max-seq-len", "160", "--max-chunk", str(CHUNK), "--vision", "--max-soft-tokens", "70", "--audio"]
     assert export_main(["tiny", str(out), *flags]) == 0
     return out

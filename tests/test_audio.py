@@ -270,3 +270,75 @@ def test_bad_audio_inputs_name_the_argument(model):
     no_audio = attrs.evolve(CFG, towers=attrs.evolve(TOWERS, audio=None))
     with pytest.raises(ValueError, match=r"input_features: this model has no audio tower"):
         multimodal_logits(params, no_audio, ids, input_features=x, input_features_mask=real)
+
+
+# --- the .pte ---------------------------------------------------------------------------------------------------
+
+PTE_TOL = 1e-5  # fp32 .pte vs eager: XNNPACK's GEMMs and ExecuTorch's attention round differently
+LENGTHS = [3000, 16000, 48000]  # samples: a clip shorter than the encoder's smallest grid, 1 s, 3 s
+
+
+def tiny_towers():
+    """The weights `python -m g4.export tiny --vision --audio` draws (seed 0)."""
+    return CFG, g4.init_params(CFG, seed=0)
+
+
+def test_pte_audio_encoder_equals_eager(pte_towers):
+    pte, (cfg, params) = g4.PteModel(pte_towers), tiny_towers()
+    r = np.random.RandomState(1)
+    for n in LENGTHS:
+        x, real = features([(r.randn(n) * 0.1).astype(np.float32)])
+        got, want = pte.encode_audio(x, real), audio_features(params, cfg, x, real)
+        assert got.shape == want.shape == (soft_tokens(n), cfg.hidden_size)
+        assert (got - want).abs().max() <= PTE_TOL * want.abs().max(), n
+
+
+def test_pte_speech_transform_equals_features(pte_towers):
+    # The official runner's mel: samples padded to a multiple of 128 (as the feature extractor pads them).
+    from executorch.runtime import Runtime
+
+    method = Runtime.get().load_program(str(pte_towers)).load_method("speech_transform")
+    r = np.random.RandomState(2)
+    for n in [*LENGTHS, MAX_SAMPLES]:
+        samples = (r.randn(-(-n // 128) * 128) * 0.1).astype(np.float32)
+        want = features([samples])[0][0]
+        got = method.execute([torch.from_numpy(samples)])[0]
+        assert got.shape == want.shape and (got - want).abs().max() <= PTE_TOL * want.abs().max(), n
+
+
+@torch.no_grad()
+def test_pte_audio_prompt_generates_as_eager(pte_towers):
+    # The clip's placeholders straddle a prefill chunk boundary (20): text_decoder feeds both chunks, then
+    # forward decodes on the cache text_decoder wrote.
+    pte, (cfg, params) = g4.PteModel(pte_towers), tiny_towers()
+    eager = g4.EagerModel(cfg, params, max_context=160)
+    x, real = features([(np.random.RandomState(3).randn(4000) * 0.1).astype(np.float32)])  # 6 soft tokens
+    prompt = [2, *range(20, 35), *pte.audio.placeholders(6), 9, 10]  # soft tokens at positions 17..22
+    got = g4.generate(pte, prompt, 24, soft=pte.encode_audio(x, real), stop=(), keep_logits=True)
+    want = g4.generate(eager, prompt, 24, soft=eager.encode_audio(x, real), stop=(), keep_logits=True)
+    assert got.ids == want.ids and len(got.ids) == 24
+    for a, b in zip(got.logits, want.logits, strict=True):
+        assert (a - b).abs().max() <= PTE_TOL * b.abs().max()
+    ref = multimodal_logits(params, cfg, torch.tensor([prompt]), input_features=x, input_features_mask=real)
+    assert (want.logits[0] - ref[0, -1]).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_g4_run_with_audio_and_an_image_on_the_pte_and_eager(pte_towers, tmp_path, capsys):
+    from PIL import Image
+
+    from g4.run import main as run_main
+
+    write_wav(tmp_path / "clip.wav", (np.sin(np.arange(24000) * 0.05) * 8000).astype(np.int64))  # 1.5 s
+    Image.fromarray((torch.rand(30, 44, 3) * 255).byte().numpy()).save(tmp_path / "photo.png")
+    out = {}
+    for name, args in {
+        "pte": [str(pte_towers)],
+        "eager": ["--eager", "--size", "tiny", "--max-seq-len", "160", "--max-soft-tokens", "70"],
+        "chat": [str(pte_towers), "--chat"],
+    }.items():
+        media = ["--audio", str(tmp_path / "clip.wav"), "--image", str(tmp_path / "photo.png")]
+        assert run_main([*args, *media, "--prompt", "hi", "--max-new-tokens", "8"]) == 0
+        o = capsys.readouterr()
+        assert "audio: 1 clip(s), 1.5 s, 38 soft tokens" in o.err and "vision: 1 image(s), 60 soft" in o.err, o.err
+        out[name] = o.out
+    assert out["pte"] == out["eager"]  # the same text (random weights: mostly newlines)

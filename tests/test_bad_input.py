@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import wave
 
 import pytest
 import torch
@@ -51,9 +52,14 @@ EXPORT = [
     (["tiny", "{out}", "--assistant", "{asst}", "--max-chunk", "4"], "1 + 4 draft tokens does not fit a prefill chunk"),
     (["tiny", "{out}", "--assistant", "{dir}"], "config.json: not found"),
     (["tiny-26b", "{out}", "--assistant", "{asst}"], "has head_dim 64 and 2 KV heads; the target's K/V there"),
-    (["tiny", "{out}", "--vision", "--dtype", "bf16"], "vision: the tower is exported with fp32 activations"),
+    (["tiny", "{out}", "--vision", "--dtype", "bf16"], "vision / audio: the towers are exported with fp32 activations"),
+    (["tiny", "{out}", "--audio", "--dtype", "bf16"], "vision / audio: the towers are exported with fp32 activations"),
+    (["tiny-31b", "{out}", "--audio"], "--audio: no audio tower for tiny-31b"),
+    (["tiny", "{out}", "--audio", "--assistant", "{asst}"], "audio: a program with a drafter takes no towers"),
+    (["{out}", "--checkpoint", "{ck}", "--audio"], "config.json: towers need a multimodal Gemma 4 config"),
+    (["tiny", "{out}", "--audio", "--audio-quantize", "8da4w"], "group_size 32 does not divide the input width 48"),
     (["tiny-31b", "{out}", "--vision"], "--vision: no vision tower for tiny-31b"),
-    (["tiny", "{out}", "--vision", "--assistant", "{asst}"], "vision: a program with a drafter takes no vision tower"),
+    (["tiny", "{out}", "--vision", "--assistant", "{asst}"], "vision: a program with a drafter takes no towers"),
     (["{out}", "--checkpoint", "{ck}", "--vision"], "config.json: towers need a multimodal Gemma 4 config"),
 ]
 
@@ -129,6 +135,11 @@ RUN = [
     (["--eager", "--size", "tiny-31b", "--image", "{tpl}", "--prompt", "hi"], "--image: no vision tower for --size"),
     (["--eager", "--checkpoint", "{small}", "--image", "{tpl}", "--prompt", "hi"], "towers need a multimodal"),
     (["{vpte}", "--image", "{png}", "--max-soft-tokens", "140", "--prompt", "hi"], "--max-soft-tokens must be one of"),
+    (["{pte}", "--audio", "{wav}", "--prompt", "hi"], "has no audio tower (export it with --audio)"),
+    (["{vpte}", "--audio", "{tpl}", "--prompt", "hi"], "--audio {tpl}: not a PCM WAV file"),
+    (["{vpte}", "--audio", "{wav44}", "--prompt", "hi"], "44100 Hz; the audio tower takes 16000 Hz"),
+    (["{vpte}", "--audio", "{wav}", "--tokens", "2"], "--audio goes with --prompt or --chat"),
+    (["--eager", "--size", "tiny-31b", "--audio", "{wav}", "--prompt", "hi"], "--audio: no towers for --size"),
 ]
 
 
@@ -150,7 +161,7 @@ def tiny_assistant(tmp_path_factory):
 
 @pytest.mark.parametrize("args,message", RUN, ids=[" ".join(a) for a, _ in RUN])
 def test_run_bad_input(
-    tmp_path, pte_fp32, pte_draft, pte_vision, small_vocab_ck, tiny_assistant, capsys, args, message
+    tmp_path, pte_fp32, pte_draft, pte_towers, small_vocab_ck, tiny_assistant, capsys, args, message
 ):
     build_tokenizer().save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no system role') }}")
@@ -169,11 +180,20 @@ def test_run_bad_input(
         notlist=tmp_path / "notlist.json",
         badcfg=tmp_path / "cfg" / "tokenizer.json",
         asst=tiny_assistant,
-        vpte=pte_vision,
+        vpte=pte_towers,
         png=tmp_path / "image.png",
+        wav=tmp_path / "clip.wav",
+        wav44=tmp_path / "clip44.wav",
     )
+    for name, rate in (("clip.wav", 16000), ("clip44.wav", 44100)):
+        with wave.open(str(tmp_path / name), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            w.writeframes(bytes(4000))
     Image.new("RGB", (20, 12)).save(tmp_path / "image.png")
     assert run_main([a.format(**fill) for a in args]) == 2
+    message = message.format(**fill)
     ours = capsys.readouterr().err.strip().splitlines()
     err = [ln for ln in ours if not ln.startswith("[cpuinfo")]  # ExecuTorch's runtime logs its first CPU probe
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

@@ -166,6 +166,30 @@ def test_tiny_vision(golden):
     assert golden == {"soft_tokens": Approx(soft), "logits": Approx(logits), "argmax": logits.argmax(-1)}
 
 
+def test_tiny_audio(golden):
+    # The tiny audio tower: a 1 s clip's features (from samples), its soft tokens, the logits of a prompt around it.
+    import numpy as np
+
+    from g4.audio import features
+    from g4.fn.multimodal import audio_features, multimodal_logits
+
+    towers = g4.config.TOWERS["tiny"]
+    cfg = attrs.evolve(CFG, towers=towers)
+    params = g4.init_params(cfg, seed=0)
+    t = np.arange(16000) / 16000
+    x, real = features([(0.3 * np.sin(2 * np.pi * 440 * t) + 0.1 * np.sin(2 * np.pi * 3000 * t)).astype(np.float32)])
+    ids = torch.tensor([[2, 5, towers.boa_token_id, *[towers.audio_token_id] * 25, towers.eoa_token_id, 9, 10]])
+    with torch.no_grad():
+        soft = audio_features(params, cfg, x, real)
+        logits = multimodal_logits(params, cfg, ids, input_features=x, input_features_mask=real)
+    assert golden == {
+        "features": Approx(x),
+        "soft_tokens": Approx(soft),
+        "logits": Approx(logits),
+        "argmax": logits.argmax(-1),
+    }
+
+
 def test_tiny_26b_model(golden):
     # The 26B-A4B kind (experts, values from keys on full layers): logits and routing locked.
     from g4.fn.moe import route

@@ -252,8 +252,8 @@ def tiny_vision():
     return cfg, g4.init_params(cfg, seed=0)
 
 
-def test_pte_vision_encoder_equals_eager(pte_vision):
-    pte, (cfg, params) = g4.PteModel(pte_vision), tiny_vision()
+def test_pte_towers_encoder_equals_eager(pte_towers):
+    pte, (cfg, params) = g4.PteModel(pte_towers), tiny_vision()
     for i, (h, w) in enumerate([(6, 9), (9, 9), (3, 3), (21, 30)]):  # padded, full, one block, 70 soft tokens
         n = max(MAX_PATCHES, h * w)
         pixels, pos = batch(image(h, w, i) if n == MAX_PATCHES else full(h, w, i))
@@ -270,10 +270,10 @@ def full(h, w, seed):
 
 
 @torch.no_grad()
-def test_pte_image_prompt_generates_as_eager(pte_vision):
+def test_pte_image_prompt_generates_as_eager(pte_towers):
     # The image's placeholders straddle a prefill chunk boundary (20): text_decoder feeds both chunks, then
     # forward decodes on the cache text_decoder wrote.
-    pte, (cfg, params) = g4.PteModel(pte_vision), tiny_vision()
+    pte, (cfg, params) = g4.PteModel(pte_towers), tiny_vision()
     eager = g4.EagerModel(cfg, params, max_context=160)
     pixels, pos = batch(image(6, 9, 0))
     prompt = [2, *range(20, 35), *pte.vision.placeholders(6), 9, 10]  # soft tokens at positions 17..22
@@ -287,7 +287,7 @@ def test_pte_image_prompt_generates_as_eager(pte_vision):
     assert (want.logits[0] - ref[0, -1]).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_g4_run_with_an_image_on_the_pte_and_eager(pte_vision, tmp_path, capsys):
+def test_g4_run_with_an_image_on_the_pte_and_eager(pte_towers, tmp_path, capsys):
     from PIL import Image
 
     from g4.run import main as run_main
@@ -295,9 +295,9 @@ def test_g4_run_with_an_image_on_the_pte_and_eager(pte_vision, tmp_path, capsys)
     Image.fromarray((torch.rand(30, 44, 3) * 255).byte().numpy()).save(tmp_path / "photo.png")
     out = {}
     for name, args in {
-        "pte": [str(pte_vision)],
+        "pte": [str(pte_towers)],
         "eager": ["--eager", "--size", "tiny", "--max-seq-len", "160", "--max-soft-tokens", "70"],
-        "chat": [str(pte_vision), "--chat"],
+        "chat": [str(pte_towers), "--chat"],
     }.items():
         assert run_main([*args, "--image", str(tmp_path / "photo.png"), "--prompt", "hi", "--max-new-tokens", "8"]) == 0
         o = capsys.readouterr()

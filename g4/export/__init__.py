@@ -196,8 +196,10 @@ def check_towers(cfg: Config, params: Params | None, drafter: DraftSpec | None, 
 def only_towers(cfg: Config, params: Params, towers: tuple[str, ...]) -> tuple[Config, Params]:
     """`cfg` and `params` without the towers not in `towers` (their weights would be buffers nothing reads)."""
     t = None if cfg.towers is None else cfg.towers.only("vision" in towers, "audio" in towers)
-    drop = [*(VISION_TOWER * ("vision" not in towers)), *(AUDIO_TOWER * ("audio" not in towers))]
-    return attrs.evolve(cfg, towers=t), attrs.evolve(params, **dict.fromkeys(drop))
+    drop: dict[str, Any] = dict.fromkeys(
+        [*VISION_TOWER * ("vision" not in towers), *AUDIO_TOWER * ("audio" not in towers)]
+    )
+    return attrs.evolve(cfg, towers=t), attrs.evolve(params, **drop)
 
 
 def quantize_assistant(acfg: AssistantConfig, a: Assistant, opts: ExportOptions) -> Assistant:

@@ -157,7 +157,8 @@ def run(a: argparse.Namespace) -> int:
             if a.size not in TOWERS:
                 flag = f"--{opts.towers[0]}"
                 raise UsageError(f"{flag}: no {opts.towers[0]} tower for {a.size} ({', '.join(TOWERS)} have one)")
-            cfg = attrs.evolve(cfg, towers=TOWERS[a.size].only(opts.vision, opts.audio))
+            # all of them drawn (as `init_params` does), whichever are exported: the same weights as `--eager`
+            cfg = attrs.evolve(cfg, towers=TOWERS[a.size])
         elif opts.towers and ckpt is not None:  # fail before any weight is read
             cfg = attrs.evolve(cfg, towers=read_towers(ckpt, opts.towers))
         opts.check(cfg)  # e.g. an int4 group size that does not divide a width of this config
