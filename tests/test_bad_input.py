@@ -132,7 +132,7 @@ RUN = [
     (["{pte}", "--image", "{tpl}", "--prompt", "hi"], "has no vision tower (export it with --vision)"),
     (["--eager", "--size", "tiny", "--image", "{tpl}", "--prompt", "hi"], "tokenizer.json: not an image Pillow can"),
     (["--eager", "--size", "tiny", "--image", "{tpl}", "--tokens", "2"], "--image goes with --prompt or --chat"),
-    (["--eager", "--size", "tiny-31b", "--image", "{tpl}", "--prompt", "hi"], "--image: no vision tower for --size"),
+    (["--eager", "--size", "tiny-31b", "--image", "{tpl}", "--prompt", "hi"], "--image: no towers for --size"),
     (["--eager", "--checkpoint", "{small}", "--image", "{tpl}", "--prompt", "hi"], "towers need a multimodal"),
     (["{vpte}", "--image", "{png}", "--max-soft-tokens", "140", "--prompt", "hi"], "--max-soft-tokens must be one of"),
     (["{pte}", "--audio", "{wav}", "--prompt", "hi"], "has no audio tower (export it with --audio)"),

@@ -312,7 +312,11 @@ def test_cli_writes_a_random_checkpoint_with_the_vision_tower(tmp_path, capsys):
 
     assert checkpoint_main(["random", "tiny", str(tmp_path / "ck"), "--vision", "--dtype", "float32"]) == 0
     cfg, params = g4.load_checkpoint(tmp_path / "ck", towers=True)
-    assert cfg.towers == TOWERS and params.vision_tower is not None
+    assert cfg.towers == attrs.evolve(TOWERS, audio=None) and params.vision_tower is not None
+    assert params.audio_tower is None
+    assert checkpoint_main(["random", "tiny", str(tmp_path / "ck2"), "--vision", "--audio", "--dtype", "float32"]) == 0
+    cfg, params = g4.load_checkpoint(tmp_path / "ck2", towers=True)
+    assert cfg.towers == TOWERS and params.audio_tower is not None
     assert checkpoint_main(["random", "tiny-31b", str(tmp_path / "no"), "--vision"]) == 2
     assert (
         capsys.readouterr().err.strip().endswith("error: --vision: no vision tower for tiny-31b (have: tiny, e2b, e4b)")

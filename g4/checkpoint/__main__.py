@@ -24,14 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     rnd.add_argument("--max-shard-gb", type=float, default=4.0)
     rnd.add_argument("--assistant", action="store_true", help="the size's assistant drafter (fp32) instead")
     rnd.add_argument("--vision", action="store_true", help="the hub's multimodal layout with the size's vision tower")
+    rnd.add_argument("--audio", action="store_true", help="the hub's multimodal layout with the size's audio tower")
     a = ap.parse_args(argv)
     if a.assistant and a.size not in ASSISTANTS:
         print(f"error: --assistant: no assistant for {a.size} (have: {', '.join(ASSISTANTS)})", file=sys.stderr)
         return 2
-    if a.vision and a.size not in TOWERS:
-        print(f"error: --vision: no vision tower for {a.size} (have: {', '.join(TOWERS)})", file=sys.stderr)
+    if (a.vision or a.audio) and a.size not in TOWERS:
+        kind = "vision" if a.vision else "audio"
+        print(f"error: --{kind}: no {kind} tower for {a.size} (have: {', '.join(TOWERS)})", file=sys.stderr)
         return 2
-    cfg = attrs.evolve(CONFIGS[a.size], towers=TOWERS[a.size]) if a.vision else CONFIGS[a.size]
+    towers = TOWERS[a.size].only(a.vision, a.audio) if a.size in TOWERS else None
+    cfg = attrs.evolve(CONFIGS[a.size], towers=towers)
     try:
         out = (
             write_random_assistant(ASSISTANTS[a.size], a.dir, a.seed)
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=getattr(torch, a.dtype),
                 max_shard_bytes=int(a.max_shard_gb * (1 << 30)),
                 progress=True,
-                multimodal=a.vision,
+                multimodal=towers is not None,
             )
         )
     except OSError as e:
