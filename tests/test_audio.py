@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from reference import hf_multimodal
-from test_vision import batch, image
+from test_vision import PTE_TOL, batch, generates_as_eager, image
 
 import g4
 from g4.audio import MAX_SAMPLES, features, load_wav, mel_filters, soft_tokens
@@ -274,7 +274,6 @@ def test_bad_audio_inputs_name_the_argument(model):
 
 # --- the .pte ---------------------------------------------------------------------------------------------------
 
-PTE_TOL = 1e-5  # fp32 .pte vs eager: XNNPACK's GEMMs and ExecuTorch's attention round differently
 LENGTHS = [3000, 16000, 48000]  # samples: a clip shorter than the encoder's smallest grid, 1 s, 3 s
 
 
@@ -314,11 +313,7 @@ def test_pte_audio_prompt_generates_as_eager(pte_towers):
     eager = g4.EagerModel(cfg, params, max_context=160)
     x, real = features([(np.random.RandomState(3).randn(4000) * 0.1).astype(np.float32)])  # 6 soft tokens
     prompt = [2, *range(20, 35), *pte.audio.placeholders(6), 9, 10]  # soft tokens at positions 17..22
-    got = g4.generate(pte, prompt, 24, soft=pte.encode_audio(x, real), stop=(), keep_logits=True)
-    want = g4.generate(eager, prompt, 24, soft=eager.encode_audio(x, real), stop=(), keep_logits=True)
-    assert got.ids == want.ids and len(got.ids) == 24
-    for a, b in zip(got.logits, want.logits, strict=True):
-        assert (a - b).abs().max() <= PTE_TOL * b.abs().max()
+    want = generates_as_eager(pte, eager, prompt, pte.encode_audio(x, real), eager.encode_audio(x, real))
     ref = multimodal_logits(params, cfg, torch.tensor([prompt]), input_features=x, input_features_mask=real)
     assert (want.logits[0] - ref[0, -1]).abs().max() <= 1e-5 * ref.abs().max()
 

@@ -277,14 +277,21 @@ def test_pte_image_prompt_generates_as_eager(pte_towers):
     eager = g4.EagerModel(cfg, params, max_context=160)
     pixels, pos = batch(image(6, 9, 0))
     prompt = [2, *range(20, 35), *pte.vision.placeholders(6), 9, 10]  # soft tokens at positions 17..22
-    got = g4.generate(pte, prompt, 24, soft=pte.encode(pixels, pos), stop=(), keep_logits=True)
-    want = g4.generate(eager, prompt, 24, soft=eager.encode(pixels, pos), stop=(), keep_logits=True)
-    assert got.ids == want.ids and len(got.ids) == 24
-    for a, b in zip(got.logits, want.logits, strict=True):
-        assert (a - b).abs().max() <= PTE_TOL * b.abs().max()
+    want = generates_as_eager(pte, eager, prompt, pte.encode(pixels, pos), eager.encode(pixels, pos))
     # and the eager prefill is the no-cache forward with the image (multimodal_logits)
     ref = multimodal_logits(params, cfg, torch.tensor([prompt]), pixel_values=pixels, image_position_ids=pos)
     assert (want.logits[0] - ref[0, -1]).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def generates_as_eager(pte, eager, prompt, pte_soft, eager_soft):
+    """Asserts the .pte and eager generate the same 24 greedy tokens from `prompt` with their soft tokens,
+    every step's logits within PTE_TOL relative; returns eager's generation."""
+    got = g4.generate(pte, prompt, 24, soft=pte_soft, stop=(), keep_logits=True)
+    want = g4.generate(eager, prompt, 24, soft=eager_soft, stop=(), keep_logits=True)
+    assert got.ids == want.ids and len(got.ids) == 24
+    for a, b in zip(got.logits, want.logits, strict=True):
+        assert (a - b).abs().max() <= PTE_TOL * b.abs().max()
+    return want
 
 
 def test_g4_run_with_an_image_on_the_pte_and_eager(pte_towers, tmp_path, capsys):
