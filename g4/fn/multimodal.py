@@ -99,7 +99,7 @@ def merge(cfg: Config, input_ids: Tensor, soft: Tensor | None) -> tuple[Tensor, 
     tokens, where = placeholders(cfg, input_ids)
     n = int(where.sum())
     if n != (0 if soft is None else soft.shape[0]):
-        got = "none" if soft is None else f"{soft.shape[0]}"
+        got = "no" if soft is None else soft.shape[0]
         raise ValueError(f"input_ids: {n} image / audio placeholder tokens, but {got} soft tokens")
     if soft is None:
         return tokens, None, None
