@@ -198,15 +198,16 @@ def run(a: argparse.Namespace) -> int:
             raise GenerateError(f"--tokens must be comma-separated integers, got {a.tokens!r}") from None
         return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, None, a, drafter)
     tok = load_tokenizer(tok_path, model.vocab_size)
-    soft, ids_mm = images(model, a.image or [], a.max_soft_tokens)
+    seen, media = images(model, a.image or [], a.max_soft_tokens)
     heard, audio_ids = clips(model, a.audio or [])
-    soft = heard if soft is None else soft if heard is None else torch.cat([soft, heard])
-    ids_mm += audio_ids  # the images' placeholders, then the clips', open the prompt
+    media += audio_ids  # the images' placeholders, then the clips', open the prompt
+    parts = [x for x in (seen, heard) if x is not None]
+    soft = torch.cat(parts) if parts else None
     if not a.chat:
         if a.render:
             print(tok.id_to_token(model.bos_id) + a.prompt, end="")
             return 0
-        prompt = [model.bos_id, *ids_mm, *tok.encode(a.prompt, add_special_tokens=False).ids]
+        prompt = [model.bos_id, *media, *tok.encode(a.prompt, add_special_tokens=False).ids]
         if pte and eager:
             return compare(pte, eager, prompt, a)
         return complete(model, prompt, tok, a, drafter, soft)
@@ -215,7 +216,7 @@ def run(a: argparse.Namespace) -> int:
         model, tok, chat.template(folder), chat.special_tokens(folder), enable_thinking=a.think, drafter=drafter
     )
     first = ([{"role": "system", "content": a.system}] if a.system else []) + read_messages(a.messages)
-    pictures = "".join(tok.id_to_token(i) for i in ids_mm)  # the images open the first user turn
+    pictures = "".join(tok.id_to_token(i) for i in media)  # the images and clips open the first user turn
     if a.prompt is not None or a.messages:
         first += [{"role": "user", "content": pictures + a.prompt}] if a.prompt is not None else []
         if a.render:
