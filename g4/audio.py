@@ -51,6 +51,11 @@ def mel_filters() -> np.ndarray:
     return np.maximum(np.zeros(1), np.minimum(-slopes[:, :-2] / diff[:-1], slopes[:, 2:] / diff[1:]))
 
 
+def hann() -> np.ndarray:
+    """The periodic Hann window of a frame, float32 (`window_function` in transformers)."""
+    return np.hanning(FRAME + 1)[:-1].astype(np.float32)
+
+
 def frames(samples: int) -> int:
     """Mel frames of `samples` samples (after the half-frame of leading zeros)."""
     return max(0, (samples + FRAME // 2 - (FRAME + 1)) // HOP + 1)
@@ -85,8 +90,7 @@ def features(clips: list[np.ndarray]) -> tuple[Tensor, Tensor]:
     n = -(-max(c.size for c in clips) // PAD_TO) * PAD_TO
     if frames(n) == 0:
         raise ValueError(f"audio: {n} samples make no {FRAME}-sample frame")
-    window = np.hanning(FRAME + 1)[:-1].astype(np.float32)  # periodic Hann
-    filters, out, masks = mel_filters(), [], []
+    window, filters, out, masks = hann(), mel_filters(), [], []
     for c in clips:
         x = np.pad(c, (FRAME // 2, n - c.size))  # [FRAME/2 zeros, clip, padding]
         real = np.pad(np.ones(c.size, bool), (FRAME // 2, n - c.size))

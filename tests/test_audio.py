@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from reference import hf_multimodal
-from test_vision import PTE_TOL, batch, generates_as_eager, image
+from test_vision import PTE_TOL, batch, generates_as_eager, image, run_three_ways
 
 import g4
 from g4.audio import MAX_SAMPLES, features, load_wav, mel_filters, soft_tokens
@@ -321,19 +321,8 @@ def test_pte_audio_prompt_generates_as_eager(pte_towers):
 def test_g4_run_with_audio_and_an_image_on_the_pte_and_eager(pte_towers, tmp_path, capsys):
     from PIL import Image
 
-    from g4.run import main as run_main
-
     write_wav(tmp_path / "clip.wav", (np.sin(np.arange(24000) * 0.05) * 8000).astype(np.int64))  # 1.5 s
     Image.fromarray((torch.rand(30, 44, 3) * 255).byte().numpy()).save(tmp_path / "photo.png")
-    out = {}
-    for name, args in {
-        "pte": [str(pte_towers)],
-        "eager": ["--eager", "--size", "tiny", "--max-seq-len", "160", "--max-soft-tokens", "70"],
-        "chat": [str(pte_towers), "--chat"],
-    }.items():
-        media = ["--audio", str(tmp_path / "clip.wav"), "--image", str(tmp_path / "photo.png")]
-        assert run_main([*args, *media, "--prompt", "hi", "--max-new-tokens", "8"]) == 0
-        o = capsys.readouterr()
-        assert "audio: 1 clip(s), 1.5 s, 38 soft tokens" in o.err and "vision: 1 image(s), 60 soft" in o.err, o.err
-        out[name] = o.out
-    assert out["pte"] == out["eager"]  # the same text (random weights: mostly newlines)
+    media = ["--audio", str(tmp_path / "clip.wav"), "--image", str(tmp_path / "photo.png")]
+    for err in run_three_ways(pte_towers, media, capsys):
+        assert "audio: 1 clip(s), 1.5 s, 38 soft tokens" in err and "vision: 1 image(s), 60 soft" in err, err

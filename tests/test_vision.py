@@ -297,21 +297,29 @@ def generates_as_eager(pte, eager, prompt, pte_soft, eager_soft):
 def test_g4_run_with_an_image_on_the_pte_and_eager(pte_towers, tmp_path, capsys):
     from PIL import Image
 
+    Image.fromarray((torch.rand(30, 44, 3) * 255).byte().numpy()).save(tmp_path / "photo.png")
+    for err in run_three_ways(pte_towers, ["--image", str(tmp_path / "photo.png")], capsys):
+        assert "vision: 1 image(s), 60 soft tokens" in err, err  # 72 x 120 pixels: 6 x 10 blocks
+        assert "| 8 tokens |" in err, err
+
+
+def run_three_ways(pte, media: list[str], capsys) -> list[str]:
+    """`g4.run` with `media` flags on the .pte, eager and the .pte with --chat: each one's stderr; asserts
+    the .pte and eager print the same text (random weights: mostly newlines)."""
     from g4.run import main as run_main
 
-    Image.fromarray((torch.rand(30, 44, 3) * 255).byte().numpy()).save(tmp_path / "photo.png")
-    out = {}
+    out, errs = {}, []
     for name, args in {
-        "pte": [str(pte_towers)],
+        "pte": [str(pte)],
         "eager": ["--eager", "--size", "tiny", "--max-seq-len", "160", "--max-soft-tokens", "70"],
-        "chat": [str(pte_towers), "--chat"],
+        "chat": [str(pte), "--chat"],
     }.items():
-        assert run_main([*args, "--image", str(tmp_path / "photo.png"), "--prompt", "hi", "--max-new-tokens", "8"]) == 0
+        assert run_main([*args, *media, "--prompt", "hi", "--max-new-tokens", "8"]) == 0
         o = capsys.readouterr()
-        assert "vision: 1 image(s), 60 soft tokens" in o.err, o.err  # 72 x 120 pixels: 6 x 10 blocks
-        assert "| 8 tokens |" in o.err, o.err
         out[name] = o.out
-    assert out["pte"] == out["eager"]  # the same text (random weights: mostly newlines)
+        errs.append(o.err)
+    assert out["pte"] == out["eager"]
+    return errs
 
 
 def test_cli_writes_a_random_checkpoint_with_the_vision_tower(tmp_path, capsys):

@@ -242,8 +242,10 @@ def load_checkpoint(
     ignorable |= {f"{prefix}layers.{i}.self_attn.v_norm.weight" for i in range(cfg.num_hidden_layers)}
     if prefix == MM_PREFIX:
         t = cfg.towers
-        loaded = () if t is None else [TOWER_PREFIXES[k] for k in TOWER_PREFIXES if getattr(t, k) is not None]
-        skipped = tuple(p for p in MM_IGNORED if not any(p in pre for pre in loaded))
+        loaded = {
+            p for kind, pre in TOWER_PREFIXES.items() if t is not None and getattr(t, kind) is not None for p in pre
+        }
+        skipped = tuple(p for p in MM_IGNORED if p not in loaded)
         ignorable |= {k for k in r.where if k.startswith(skipped)}
     _check_names(folder, r, shapes, ignorable, prefix + "embed_tokens.weight")
 

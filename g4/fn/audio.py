@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from g4.audio import FFT, FRAME, HOP, MEL_FLOOR, mel_filters
+from g4.audio import FFT, FRAME, HOP, MEL_FLOOR, frames, hann, mel_filters
 from g4.config import AudioConfig
 from g4.fn.ops import rms_norm
 from g4.fn.vision import clipped, embed_soft
@@ -150,13 +149,12 @@ def encode(t: AudioTower, ac: AudioConfig, features: Tensor, valid: Tensor) -> t
 def log_mel(waveform: Tensor) -> Tensor:
     """`g4.audio.features` of one clip `[N]` (no padding, no mask) as tensor ops an export lowers: the
     real DFT as two matmuls (fp32, where numpy's FFT and the filters run in fp64), `[F, MEL_BINS]`."""
-    n = (waveform.shape[0] + FRAME // 2 - (FRAME + 1)) // HOP + 1
     x = F.pad(waveform.float(), (FRAME // 2, 0))
-    window = torch.from_numpy(np.hanning(FRAME + 1)[:-1].astype(np.float32))
-    frames = x[torch.arange(n)[:, None] * HOP + torch.arange(FRAME)] * window  # [F, FRAME]
+    idx = torch.arange(frames(waveform.shape[0]))[:, None] * HOP + torch.arange(FRAME)  # [F, FRAME]
+    chunks = x[idx] * torch.from_numpy(hann())
     k = torch.arange(FRAME, dtype=torch.float64)[:, None] * torch.arange(FFT // 2 + 1, dtype=torch.float64)
     angle = (2 * math.pi / FFT) * torch.remainder(k, FFT)  # [FRAME, FFT/2 + 1]: exact in fp64 before the cos
-    re, im = frames @ torch.cos(angle).float(), frames @ torch.sin(angle).float()
+    re, im = chunks @ torch.cos(angle).float(), chunks @ torch.sin(angle).float()
     mel = torch.sqrt(re * re + im * im) @ torch.from_numpy(mel_filters()).float()
     return torch.log(mel + MEL_FLOOR)
 
