@@ -337,3 +337,8 @@ def test_cli_writes_a_random_checkpoint_with_the_vision_tower(tmp_path, capsys):
         capsys.readouterr().err.strip().endswith("error: --vision: no vision tower for tiny-31b (have: tiny, e2b, e4b)")
     )
     assert not (tmp_path / "no").exists()
+    assert checkpoint_main(["random", "tiny-31b", str(tmp_path / "no"), "--audio"]) == 2
+    assert (
+        capsys.readouterr().err.strip().endswith("error: --audio: no audio tower for tiny-31b (have: tiny, e2b, e4b)")
+    )
+    assert not (tmp_path / "no").exists()
