@@ -216,9 +216,12 @@ def run(a: argparse.Namespace) -> int:
         model, tok, chat.template(folder), chat.special_tokens(folder), enable_thinking=a.think, drafter=drafter
     )
     first = ([{"role": "system", "content": a.system}] if a.system else []) + read_messages(a.messages)
-    pictures = "".join(tok.id_to_token(i) for i in media)  # the images and clips open the first user turn
+    pictures = "".join(tok.id_to_token(i) for i in media)  # the images and clips open the user turn replied to
     if a.prompt is not None or a.messages:
-        first += [{"role": "user", "content": pictures + a.prompt}] if a.prompt is not None else []
+        if a.prompt is not None:
+            first += [{"role": "user", "content": pictures + a.prompt}]
+        elif pictures:
+            first = with_media(first, pictures, a.messages)
         if a.render:
             session.messages = first
             print(session.text(), end="")
@@ -293,6 +296,18 @@ def read_messages(path: str | None) -> list[chat.Message]:
     if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
         raise GenerateError(f'--messages {path}: must be a JSON list of {{"role": ..., "content": ...}} objects')
     return msgs
+
+
+def with_media(messages: list[chat.Message], media: str, path: str) -> list[chat.Message]:
+    """`messages` with the images' and clips' placeholders opening the last user turn (the one replied to)."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users or not isinstance(messages[users[-1]].get("content"), str):
+        raise GenerateError(
+            f"--messages {path}: --image/--audio go at the start of the last user turn, "
+            "and the conversation has no user turn with text content"
+        )
+    i = users[-1]
+    return [*messages[:i], {**messages[i], "content": media + messages[i]["content"]}, *messages[i + 1 :]]
 
 
 class Printer:

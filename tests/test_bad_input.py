@@ -139,6 +139,7 @@ RUN = [
     (["{vpte}", "--audio", "{tpl}", "--prompt", "hi"], "--audio {tpl}: not a PCM WAV file"),
     (["{vpte}", "--audio", "{wav44}", "--prompt", "hi"], "44100 Hz; the audio tower takes 16000 Hz"),
     (["{vpte}", "--audio", "{wav}", "--tokens", "2"], "--audio goes with --prompt or --chat"),
+    (["{vpte}", "--messages", "{system}", "--image", "{png}"], "system.json: --image/--audio go at the start of the"),
     (["--eager", "--size", "tiny-31b", "--audio", "{wav}", "--prompt", "hi"], "--audio: no towers for --size"),
 ]
 
@@ -167,6 +168,7 @@ def test_run_bad_input(
     (tmp_path / "chat_template.jinja").write_text("{{ raise_exception('no system role') }}")
     (tmp_path / "notjson.json").write_text("[{")
     (tmp_path / "notlist.json").write_text('{"role": "user"}')
+    (tmp_path / "system.json").write_text('[{"role": "system", "content": "be brief"}]')
     (tmp_path / "cfg").mkdir()
     build_tokenizer().save(str(tmp_path / "cfg" / "tokenizer.json"))
     (tmp_path / "cfg" / "tokenizer_config.json").write_text("[]")
@@ -178,6 +180,7 @@ def test_run_bad_input(
         missing=tmp_path / "none.pte",
         notjson=tmp_path / "notjson.json",
         notlist=tmp_path / "notlist.json",
+        system=tmp_path / "system.json",
         badcfg=tmp_path / "cfg" / "tokenizer.json",
         asst=tiny_assistant,
         vpte=pte_towers,

@@ -1,5 +1,7 @@
 """The vision tower and text with images, against transformers' Gemma4ForConditionalGeneration."""
 
+import json
+
 import attrs
 import pytest
 import torch
@@ -301,6 +303,28 @@ def test_g4_run_with_an_image_on_the_pte_and_eager(pte_towers, tmp_path, capsys)
     for err in run_three_ways(pte_towers, ["--image", str(tmp_path / "photo.png")], capsys):
         assert "vision: 1 image(s), 60 soft tokens" in err, err  # 72 x 120 pixels: 6 x 10 blocks
         assert "| 8 tokens |" in err, err
+
+
+def test_g4_run_puts_the_image_in_the_last_user_turn_of_a_messages_file(pte_towers, tmp_path, capsys):
+    from PIL import Image
+
+    from g4.run import main as run_main
+
+    Image.fromarray((torch.rand(30, 44, 3) * 255).byte().numpy()).save(tmp_path / "photo.png")
+    conv = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "hi"},
+    ]
+    (tmp_path / "conv.json").write_text(json.dumps(conv))
+    (tmp_path / "first.json").write_text(json.dumps(conv[:2]))
+    media = ["--image", str(tmp_path / "photo.png"), "--max-new-tokens", "8"]
+    assert run_main([str(pte_towers), "--messages", str(tmp_path / "conv.json"), *media]) == 0
+    from_file = capsys.readouterr()
+    assert run_main([str(pte_towers), "--messages", str(tmp_path / "first.json"), "--prompt", "hi", *media]) == 0
+    from_prompt = capsys.readouterr()
+    assert "vision: 1 image(s), 60 soft tokens" in from_file.err and "| 8 tokens |" in from_file.err
+    assert from_file.out == from_prompt.out  # the same prompt: the image opens the last user turn
 
 
 def run_three_ways(pte, media: list[str], capsys) -> list[str]:
