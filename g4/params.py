@@ -129,7 +129,8 @@ class PatchEmbedder:
     """Patches to the encoder's width, plus an x and a y position embedding."""
 
     input_proj: Tensor  # [Hv, 3 * patch**2]
-    position_embedding_table: Tensor  # [2, position_embedding_size, Hv]: x rows, y rows
+    position_embedding_table: Tensor | tuple[Tensor, Tensor]  # [2, position_embedding_size, Hv]: x rows, y rows
+    # (a quantized export: the x and the y table, int8, `g4.export.position_tables`)
 
 
 @attrs.frozen

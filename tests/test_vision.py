@@ -264,6 +264,55 @@ def test_pte_towers_encoder_equals_eager(pte_towers):
         assert (got - want).abs().max() <= PTE_TOL * want.abs().max()
 
 
+def test_a_quantized_vision_tower_keeps_its_position_tables_in_int8():
+    from g4.export import ExportOptions, position_tables, quantize_params
+
+    cfg, params = tiny_vision()
+    vt = params.vision_tower
+    table = vt.patch_embedder.position_embedding_table  # [2, P, Hv]
+    fp32 = quantize_params(params, ExportOptions(vision=True)).vision_tower.patch_embedder
+    assert torch.equal(fp32.position_embedding_table, table)
+    got = quantize_params(params, ExportOptions(vision=True, vision_quantize="8da8w")).vision_tower
+    pair = got.patch_embedder.position_embedding_table
+    assert isinstance(pair, tuple) and [t.qdata.dtype for t in pair] == [torch.int8, torch.int8]
+    for t, w in zip(pair, table, strict=True):  # symmetric, one scale per row: within half a step
+        assert ((t.dequantize() - w).abs() <= w.abs().amax(1, keepdim=True) / 127 / 2 * (1 + 1e-6)).all()
+    # the encoder runs on the pair; with only the tables in int8, its soft tokens move this little:
+    pe = attrs.evolve(vt.patch_embedder, position_embedding_table=position_tables(table, torch.float32))
+    only = attrs.evolve(params, vision_tower=attrs.evolve(vt, patch_embedder=pe))
+    pixels, pos = batch(image(6, 9, 0), full(9, 9, 1))
+    want = image_features(params, cfg, pixels, pos)
+    err = (image_features(only, cfg, pixels, pos) - want).abs().max() / want.abs().max()
+    print(f"int8 position tables: soft tokens within {err:.1e} of the largest")
+    assert 0 < err <= 5e-3
+
+
+@pytest.fixture(scope="module")
+def pte_vision_8da8w(tmp_path_factory):
+    """tiny (seed 0) with the tiny vision tower quantized 8da8w (int8 position tables), text fp32."""
+    from g4.export.__main__ import main as export_main
+
+    out = tmp_path_factory.mktemp("vq") / "tiny-vision-8da8w.pte"
+    flags = ["--max-seq-len", "64", "--vision", "--vision-quantize", "8da8w", "--max-soft-tokens", "70"]
+    assert export_main(["tiny", str(out), *flags]) == 0
+    return out
+
+
+def test_pte_quantized_vision_tower_equals_eager_on_the_same_weights(pte_vision_8da8w):
+    from g4.export import ExportOptions, quantize_params
+
+    cfg, params = tiny_vision()
+    q = quantize_params(params, ExportOptions(vision=True, vision_quantize="8da8w"))
+    pte, errs = g4.PteModel(pte_vision_8da8w), []
+    for i, (h, w) in enumerate([(6, 9), (9, 9), (21, 30)]):
+        pixels, pos = batch(image(h, w, i) if h * w <= MAX_PATCHES else full(h, w, i))
+        got, want = pte.encode(pixels, pos), image_features(q, cfg, pixels, pos)
+        errs.append(float((got - want).abs().max() / want.abs().max()))
+    print("8da8w vision .pte vs eager on the same quantized weights: " + ", ".join(f"{e:.1e}" for e in errs))
+    # XNNPACK's and torchao's dynamic int8 activations round alike but for a few values at 70 soft tokens
+    assert max(errs[:2]) <= 1e-6 and errs[2] <= 7e-3
+
+
 def full(h, w, seed):
     """An h x w-patch image without padding."""
     pixels = torch.rand(h * w, 3 * VISION.patch_size**2, generator=torch.Generator().manual_seed(seed))

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -158,11 +158,25 @@ class Quantizer:
         return chunked(lambda x: quantize_linear(x, mode, o.group_size), w, o.torch_dtype)
 
     def finish(self, params: Params) -> Params:
-        """The tree with the untied, quantized LM head (if any), in blocks of `head_rows` rows."""
+        """The tree with the untied, quantized LM head (if any), in blocks of `head_rows` rows, and a
+        quantized vision tower's position tables in int8."""
         w, self.lm_head = self.lm_head, None
+        vt = params.vision_tower
+        if vt is not None and self.opts.vision_quantize != "none":
+            pe = vt.patch_embedder
+            tables = position_tables(cast(torch.Tensor, pe.position_embedding_table), self.opts.torch_dtype)
+            pe = attrs.evolve(pe, position_embedding_table=tables)
+            params = attrs.evolve(params, vision_tower=attrs.evolve(vt, patch_embedder=pe))
         if w is None or w.shape[0] <= self.opts.head_rows:
             return attrs.evolve(params, lm_head=w)
         return attrs.evolve(params, lm_head=row_blocks(w, self.opts.head_rows))
+
+
+def position_tables(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower's `[2, P, Hv]` position embeddings as an x and a y int8 embedding table (a scale
+    per row), as the official example stores them; `g4.fn.vision.encode` indexes the pair as the 3-D table."""
+    x, y = (chunked(lambda rows: quantize_embedding(rows, 8, 0), table, dtype) for table in w)
+    return x, y
 
 
 def quantize_params(params: Params, opts: ExportOptions) -> Params:
