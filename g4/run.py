@@ -198,6 +198,8 @@ def run(a: argparse.Namespace) -> int:
             raise GenerateError(f"--tokens must be comma-separated integers, got {a.tokens!r}") from None
         return compare(pte, eager, prompt, a) if pte and eager else complete(model, prompt, None, a, drafter)
     tok = load_tokenizer(tok_path, model.vocab_size)
+    convo = read_messages(a.messages)
+    replied = last_user_turn(convo, a.messages) if (a.image or a.audio) and a.prompt is None and a.messages else -1
     seen, media = images(model, a.image or [], a.max_soft_tokens)
     heard, audio_ids = clips(model, a.audio or [])
     media += audio_ids  # the images' placeholders, then the clips', open the prompt
@@ -215,13 +217,12 @@ def run(a: argparse.Namespace) -> int:
     session = chat.Chat(
         model, tok, chat.template(folder), chat.special_tokens(folder), enable_thinking=a.think, drafter=drafter
     )
-    first = ([{"role": "system", "content": a.system}] if a.system else []) + read_messages(a.messages)
     pictures = "".join(tok.id_to_token(i) for i in media)  # the images and clips open the user turn replied to
+    if replied >= 0:
+        convo[replied] = {**convo[replied], "content": pictures + convo[replied]["content"]}
+    first = ([{"role": "system", "content": a.system}] if a.system else []) + convo
     if a.prompt is not None or a.messages:
-        if a.prompt is not None:
-            first += [{"role": "user", "content": pictures + a.prompt}]
-        elif pictures:
-            first = with_media(first, pictures, a.messages)
+        first += [{"role": "user", "content": pictures + a.prompt}] if a.prompt is not None else []
         if a.render:
             session.messages = first
             print(session.text(), end="")
@@ -298,16 +299,15 @@ def read_messages(path: str | None) -> list[chat.Message]:
     return msgs
 
 
-def with_media(messages: list[chat.Message], media: str, path: str) -> list[chat.Message]:
-    """`messages` with the images' and clips' placeholders opening the last user turn (the one replied to)."""
+def last_user_turn(messages: list[chat.Message], path: str) -> int:
+    """Index of the turn `--image`/`--audio` open when replying to a --messages file: its last user turn."""
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users or not isinstance(messages[users[-1]].get("content"), str):
         raise GenerateError(
             f"--messages {path}: --image/--audio go at the start of the last user turn, "
             "and the conversation has no user turn with text content"
         )
-    i = users[-1]
-    return [*messages[:i], {**messages[i], "content": media + messages[i]["content"]}, *messages[i + 1 :]]
+    return users[-1]
 
 
 class Printer:
