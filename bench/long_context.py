@@ -12,8 +12,8 @@ each position in turn, timing the prefill (the TTFT of a prompt that long, and t
 chunk, ending there), then the decode steps. The kernels' work depends on the position only (full
 layers read the first `position + T` slots, sliding layers `T + min(position, ring)`), not on what
 the slots hold, and the runtime zero-fills its planned buffers at load, so the slots are resident
-memory either way; prompts of 32K tokens that take hours (an int8 cache) can be measured at their
-depth in seconds. Checked against the filled cache on the same .pte (README, Long contexts).
+memory either way; a 32K-token prompt that takes most of an hour (an int8 cache) is measured at its
+depth in a minute. Checked against the filled cache on the same .pte (README, Long contexts).
 """
 
 from __future__ import annotations
@@ -55,24 +55,20 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     pos, prefill_s, rows = 0, 0.0, []
     for end in ends:
-        chunk: dict = {}
         if a.jump:  # one chunk ending at `end`, on whatever the slots before it hold
             pos = max(0, end - m.max_chunk)
-            t = time.perf_counter()
-            logits = m.step(torch.randint(3, m.vocab_size, (end - pos,), generator=gen).tolist(), pos)
-            chunk = {"chunk_tokens": end - pos, "chunk_s": time.perf_counter() - t}
-        else:
-            t = time.perf_counter()
-            logits = m.step(torch.randint(3, m.vocab_size, (end - pos,), generator=gen).tolist(), pos)
-            prefill_s += time.perf_counter() - t
+        t = time.perf_counter()
+        logits = m.step(torch.randint(3, m.vocab_size, (end - pos,), generator=gen).tolist(), pos)
+        took = time.perf_counter() - t
+        prefill_s += took
+        chunk = {"chunk_tokens": end - pos, "chunk_s": took} if a.jump else {"prompt_s": prefill_s}
         pos, steps = end, []
         for _ in range(a.steps):
             t = time.perf_counter()
             logits = m.step([int(logits.argmax())], pos)
             steps.append(time.perf_counter() - t)
             pos += 1
-        prompt = chunk or {"prompt_s": prefill_s}
-        rows.append({"position": end, **prompt, "decode_tok_s": 1 / statistics.median(steps)})
+        rows.append({"position": end, **chunk, "decode_tok_s": 1 / statistics.median(steps)})
         prefill_s += sum(steps)  # the decoded tokens are part of the next prompt
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     status = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines() if ":" in ln)
