@@ -73,6 +73,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     status = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines() if ":" in ln)
     out = {
+        "command": " ".join(["python", *sys.argv]),
         "pte": str(a.pte),
         "context": m.max_context,
         "chunk": m.max_chunk,
