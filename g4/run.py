@@ -305,7 +305,7 @@ def last_user_turn(messages: list[chat.Message], path: str) -> int:
     if not users or not isinstance(messages[users[-1]].get("content"), str):
         raise GenerateError(
             f"--messages {path}: --image/--audio go at the start of the last user turn, "
-            "and the conversation has no user turn with text content"
+            "and the conversation has none, or its content is not text"
         )
     return users[-1]
 
