@@ -12,8 +12,8 @@ each position in turn, timing the prefill (the TTFT of a prompt that long, and t
 chunk, ending there), then the decode steps. The kernels' work depends on the position only (full
 layers read the first `position + T` slots, sliding layers `T + min(position, ring)`), not on what
 the slots hold, and the runtime zero-fills its planned buffers at load, so the slots are resident
-memory either way; a 32K-token prompt that takes most of an hour (an int8 cache) is measured at its
-depth in a minute. Checked against the filled cache on the same .pte (README, Long contexts).
+memory either way; depths too slow to fill (an int8 cache at 32K) are measured all the same.
+Checked against the filled cache on the same .pte (README, Long contexts).
 """
 
 from __future__ import annotations
