@@ -67,6 +67,7 @@ class Vision:
     image_token_id: int
     boi_token_id: int
     eoi_token_id: int
+    bidirectional: bool = False  # an image's soft tokens attend both ways: each image goes into one call
 
     def placeholders(self, n: int) -> list[int]:
         """The prompt ids of an image with `n` soft tokens."""
@@ -93,6 +94,24 @@ class Audio:
 
 
 AUDIO_META = tuple(f.name for f in attrs.fields(Audio))  # the `get_` constant methods of an audio program
+
+
+def calls(tokens: Sequence[int], size: int, whole: int | None = None) -> list[tuple[int, int]]:
+    """Spans `[i, j)` of at most `size` tokens covering `tokens`; with `whole`, none splits a run of that id
+    (an image whose soft tokens attend both ways is fed in one call)."""
+    spans, i = [], 0
+    while i < len(tokens):
+        j = min(i + size, len(tokens))
+        if whole is not None and j < len(tokens) and tokens[j - 1] == tokens[j] == whole:
+            k = j
+            while k > i and tokens[k - 1] == whole:
+                k -= 1
+            if k == i:
+                raise GenerateError(f"an image of more than {size} soft tokens does not fit one call of {size} tokens")
+            j = k
+        spans.append((i, j))
+        i = j
+    return spans
 
 
 def soft_ids(model: PteModel | EagerModel) -> tuple[int, ...]:
@@ -157,7 +176,7 @@ class PteModel:
         if "vision_encoder" in names:
             m = meta("a vision_encoder", VISION_META)
             v = VisionConfig(patch_size=m.pop("patch_size"), pooling_kernel_size=m.pop("pooling_kernel_size"))
-            self.vision = Vision(v, **m)
+            self.vision = Vision(v, **m, bidirectional=bool(const("get_bidirectional_vision", 0)[0]))
         if "audio_encoder" in names:
             self.audio = Audio(**meta("an audio_encoder", AUDIO_META))
         self._prog = prog
@@ -188,13 +207,14 @@ class PteModel:
         soft tokens `[n, H]` for the image and audio placeholders among `tokens`, in order (`text_decoder`)."""
         logits = None
         embeds = None if soft is None else self._embeds(tokens, soft)
-        for i in range(0, len(tokens), self.max_chunk):
-            chunk = torch.tensor([list(tokens[i : i + self.max_chunk])], dtype=torch.int64)
+        whole = self.vision.image_token_id if soft is not None and self.vision and self.vision.bidirectional else None
+        for i, j in calls(tokens, self.max_chunk, whole):
+            chunk = torch.tensor([list(tokens[i:j])], dtype=torch.int64)
             if embeds is None:
                 logits = self.method([chunk, torch.tensor([start + i], dtype=torch.int64)])[0]
             else:
-                pos = torch.arange(start + i, start + i + chunk.shape[1])
-                logits = self._method("text_decoder")([chunk, pos, embeds[:, i : i + self.max_chunk].contiguous()])[0]
+                pos = torch.arange(start + i, start + j)
+                logits = self._method("text_decoder")([chunk, pos, embeds[:, i:j].contiguous()])[0]
         assert logits is not None
         return logits.reshape(-1, logits.shape[-1])
 
@@ -232,7 +252,9 @@ class EagerModel:
         self.vision: Vision | None = None
         self.audio: Audio | None = None
         if t is not None and t.vision is not None and params.vision_tower is not None:
-            self.vision = Vision(t.vision, max(SOFT_TOKENS), t.image_token_id, t.boi_token_id, t.eoi_token_id)
+            self.vision = Vision(
+                t.vision, max(SOFT_TOKENS), t.image_token_id, t.boi_token_id, t.eoi_token_id, t.bidirectional_vision
+            )
         if t is not None and t.audio is not None and params.audio_tower is not None:
             self.audio = Audio(t.audio_token_id, t.boa_token_id, t.eoa_token_id, t.audio.attention_chunk_size)
 

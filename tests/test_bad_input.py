@@ -61,11 +61,26 @@ EXPORT = [
     (["tiny-31b", "{out}", "--vision"], "--vision: no vision tower for tiny-31b"),
     (["tiny", "{out}", "--vision", "--assistant", "{asst}"], "vision: a program with a drafter takes no towers"),
     (["{out}", "--checkpoint", "{ck}", "--vision"], "config.json: towers need a multimodal Gemma 4 config"),
+    (
+        ["{out}", "--checkpoint", "{bick}", "--vision", "--max-seq-len", "64"],
+        "max_soft_tokens 280 > the prefill chunk 64",
+    ),
 ]
 
 
+@pytest.fixture(scope="module")
+def bidirectional_ck(tmp_path_factory):
+    """A tiny multimodal checkpoint whose images attend both ways (31B's `use_bidirectional_attention`)."""
+    import attrs
+
+    t = attrs.evolve(g4.config.TOWERS["tiny"], audio=None, bidirectional_vision=True)
+    ck = tmp_path_factory.mktemp("bick")
+    g4.write_random_checkpoint(attrs.evolve(CFG, towers=t), ck, dtype=torch.float32, multimodal=True)
+    return ck
+
+
 @pytest.mark.parametrize("args,message", EXPORT, ids=[" ".join(a) for a, _ in EXPORT])
-def test_export_bad_input(tmp_path, tiny_ck, tiny_assistant, capsys, args, message):
+def test_export_bad_input(tmp_path, tiny_ck, bidirectional_ck, tiny_assistant, capsys, args, message):
     (tmp_path / "dir").mkdir()
     (tmp_path / "tokenizer.json").write_text("{}")  # someone else's tokenizer next to OUT
     badgen = tmp_path / "badgen"  # the tiny checkpoint with a broken generation_config.json
@@ -75,6 +90,7 @@ def test_export_bad_input(tmp_path, tiny_ck, tiny_assistant, capsys, args, messa
     (badgen / "generation_config.json").write_text("{")
     before = files(tmp_path)
     fill = dict(out=tmp_path / "x.pte", dir=tmp_path / "dir", ck=tiny_ck, badgen=badgen, asst=tiny_assistant)
+    fill |= dict(bick=bidirectional_ck)
     argv = [a.format(**fill) for a in args]
     assert export_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

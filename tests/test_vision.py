@@ -289,12 +289,16 @@ def test_a_quantized_vision_tower_keeps_its_position_tables_in_int8():
 
 @pytest.fixture(scope="module")
 def pte_vision_8da8w(tmp_path_factory):
-    """tiny (seed 0) with the tiny vision tower quantized 8da8w (int8 position tables), text fp32."""
+    """tiny (seed 0) whose images attend both ways (31B's `use_bidirectional_attention: "vision"`), from the
+    checkpoint transformers saves, with the vision tower quantized 8da8w (int8 position tables), text fp32."""
     from g4.export.__main__ import main as export_main
 
-    out = tmp_path_factory.mktemp("vq") / "tiny-vision-8da8w.pte"
-    flags = ["--max-seq-len", "64", "--vision", "--vision-quantize", "8da8w", "--max-soft-tokens", "70"]
-    assert export_main(["tiny", str(out), *flags]) == 0
+    ck = tmp_path_factory.mktemp("vq")
+    cfg = config(True)
+    hf_multimodal(cfg, g4.init_params(cfg, seed=0)).save_pretrained(ck)
+    out = ck / "tiny-vision-8da8w.pte"
+    flags = ["--max-seq-len", "128", "--max-chunk", "70", "--vision", "--vision-quantize", "8da8w"]
+    assert export_main([str(out), "--checkpoint", str(ck), *flags, "--max-soft-tokens", "70"]) == 0
     return out
 
 
@@ -311,6 +315,29 @@ def test_pte_quantized_vision_tower_equals_eager_on_the_same_weights(pte_vision_
     print("8da8w vision .pte vs eager on the same quantized weights: " + ", ".join(f"{e:.1e}" for e in errs))
     # XNNPACK's and torchao's dynamic int8 activations round alike but for a few values at 70 soft tokens
     assert max(errs[:2]) <= 1e-6 and errs[2] <= 7e-3
+
+
+@torch.no_grad()
+def test_pte_images_attend_both_ways_as_eager(pte_vision_8da8w):
+    """Bidirectional image attention in a .pte: the prompt puts a prefill-call boundary (70) inside the image,
+    so `text_decoder` is fed the text before it, then the image whole; the same tokens and logits as eager."""
+    pte, cfg = g4.PteModel(pte_vision_8da8w), config(True)
+    assert pte.vision is not None and pte.vision.bidirectional and pte.max_chunk == 70
+    eager = g4.EagerModel(cfg, g4.init_params(cfg, seed=0), max_context=128)
+    pixels, pos = batch(image(6, 9, 0))
+    prompt = [2, *range(60, 124), *pte.vision.placeholders(6), 9, 10]  # soft tokens at positions 66..71
+    soft = pte.encode(pixels, pos)  # the same soft tokens on both: the decoder's attention is what is compared
+    generates_as_eager(pte, eager, prompt, soft, soft)
+
+
+def test_prefill_calls_keep_an_image_whole():
+    from g4.generation import GenerateError, calls
+
+    ids = [1, 2, 7, 7, 7, 3]
+    assert calls(ids, 3) == [(0, 3), (3, 6)]
+    assert calls(ids, 3, whole=7) == [(0, 2), (2, 5), (5, 6)]
+    with pytest.raises(GenerateError, match="an image of more than 2 soft tokens does not fit one call of 2"):
+        calls(ids, 2, whole=7)
 
 
 def full(h, w, seed):

@@ -195,14 +195,17 @@ def check_drafter(opts: ExportOptions, tokens: int) -> None:
         raise ValueError(f"a verify step of 1 + {tokens} draft tokens does not fit a prefill chunk of {opts.chunk}")
 
 
-def check_towers(cfg: Config, params: Params | None, drafter: DraftSpec | None, towers: tuple[str, ...]) -> None:
-    """Raises ValueError unless the `towers` ("vision", "audio"; of `params`, if given) can go into the program."""
-    t = cfg.towers
+def check_towers(cfg: Config, params: Params | None, drafter: DraftSpec | None, opts: ExportOptions) -> None:
+    """Raises ValueError unless the towers `opts` asks for (of `params`, if given) can go into the program."""
+    t, towers = cfg.towers, opts.towers
     for kind in towers:
         if t is None or getattr(t, kind) is None or (params is not None and getattr(params, f"{kind}_tower") is None):
             raise ValueError(f"{kind}: the model has no {kind} tower (a multimodal checkpoint, towers=True)")
-    if "vision" in towers and t is not None and t.bidirectional_vision:
-        raise ValueError("vision: bidirectional image attention (use_bidirectional_attention 'vision') is not exported")
+    if opts.vision and t is not None and t.bidirectional_vision and opts.max_soft_tokens > opts.chunk:
+        raise ValueError(
+            f"max_soft_tokens {opts.max_soft_tokens} > the prefill chunk {opts.chunk} (max_chunk): this model's "
+            "images attend both ways (use_bidirectional_attention 'vision'), so an image goes into one call"
+        )
     if towers and drafter is not None:
         raise ValueError(f"{towers[0]}: a program with a drafter takes no towers yet")
 
@@ -245,6 +248,7 @@ def metadata(cfg: Config, opts: ExportOptions, drafter: DraftSpec | None = None)
             "get_patch_size": v.patch_size,
             "get_pooling_kernel_size": v.pooling_kernel_size,
             "get_max_soft_tokens": opts.max_soft_tokens,
+            "get_bidirectional_vision": int(t.bidirectional_vision),  # 1: feed each image in one call
         }
     if opts.audio and t is not None and t.audio is not None:
         extra |= {  # a clip's prompt: boa, one audio token per soft token, eoa
@@ -516,7 +520,7 @@ def export_pte(
         params = fuse(params, cfg)
     if drafter:
         check_drafter(opts, drafter.tokens)
-    check_towers(cfg, params, drafter, opts.towers)
+    check_towers(cfg, params, drafter, opts)
     cfg, params = only_towers(cfg, params, opts.towers)
     custom = opts.dtype == "fp32"
     shim = Shim(cfg, params, opts.max_seq_len, opts.chunk, custom_ops=custom, kv_cache=opts.kv_cache, drafter=drafter)

@@ -23,7 +23,7 @@ from g4.fn.audio import audio_soft, log_mel
 from g4.fn.cache import Cache, init_cache, slot_positions
 from g4.fn.draft import draft_ring, draft_step, target_kv
 from g4.fn.model import embed, head, hidden_states
-from g4.fn.multimodal import placeholders
+from g4.fn.multimodal import image_blocks, placeholders
 from g4.fn.vision import embed_soft, encode
 from g4.params import Assistant, Params, leaves_with_path, tree_map_with_path
 
@@ -139,11 +139,17 @@ class Shim(nn.Module):
         rot = cast(Tensor, self.rot)
         hooks = et_hooks(start, T, rot, self.int8) if self.custom_ops else inplace_hooks(rot)
         last = self.drafter.tokens + 1 if self.drafter else 1
-        soft = None
+        soft = blocks = None
         if embeds is not None:
+            t = self.cfg.towers
+            assert t is not None
+            if t.bidirectional_vision:  # each image's placeholders attend both ways (an image comes in one call)
+                blocks = image_blocks(tokens == t.image_token_id)
             tokens, where = placeholders(self.cfg, tokens)
             soft = where, embeds
-        h, _ = hidden_states(params, self.cfg, tokens, positions, self.cache(), hooks=hooks, last=last, soft=soft)
+        h, _ = hidden_states(
+            params, self.cfg, tokens, positions, self.cache(), hooks=hooks, last=last, soft=soft, blocks=blocks
+        )
         logits = head(params, self.cfg, h)
         if not self.drafter:
             return logits[:, -1]

@@ -52,8 +52,8 @@ def audio_features(params: Params, cfg: Config, input_features: Tensor, input_fe
 
 def image_blocks(is_image: Tensor) -> Tensor:
     """`[B, T]`: the number of each run of image placeholders (one image), -1 elsewhere (HF's block ids)."""
-    start = is_image & ~torch.nn.functional.pad(is_image[:, :-1], (1, 0))
-    return torch.where(is_image, start.cumsum(1) - 1, -1)
+    after = torch.roll(is_image, 1, 1) & (torch.arange(is_image.shape[1]) > 0)  # the previous token is one
+    return torch.where(is_image, (is_image & ~after).cumsum(1) - 1, -1)  # a roll: a shift torch.export keeps dynamic
 
 
 def placeholders(cfg: Config, input_ids: Tensor) -> tuple[Tensor, Tensor]:
