@@ -71,22 +71,27 @@ def pte_kv8(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pte_draft(tmp_path_factory):
-    """tiny (seed 0) fp32 with the tiny assistant (seed 4; ordered embeddings, as Google's E2B/E4B drafters)
-    as its `draft` method, up to 4 tokens a round."""
+def pte_multi(tmp_path_factory):
+    """tiny (seed 0) fp32 with everything beside `forward`, in one program (one export for the tests of
+    each): the tiny assistant (seed 4; ordered embeddings, as Google's E2B/E4B drafters) as its `draft`
+    method, up to 4 tokens a round, and the tiny vision and audio towers: `vision_encoder` (up to 70
+    soft tokens an image), `audio_encoder`, `speech_transform` and `text_decoder`. Returns the .pte and
+    the assistant's folder."""
     acfg = attrs.evolve(g4.config.ASSISTANTS["tiny"], use_ordered_embeddings=True)
     asst = g4.write_random_assistant(acfg, tmp_path_factory.mktemp("asst"), seed=4)
-    out = tmp_path_factory.mktemp("draft") / "tiny-draft.pte"
-    flags = ["--max-seq-len", str(CTX), "--max-chunk", str(CHUNK), "--assistant", str(asst), "--draft-tokens", "4"]
-    assert export_main(["tiny", str(out), *flags]) == 0
+    out = tmp_path_factory.mktemp("multi") / "tiny-multi.pte"
+    flags = ["--max-seq-len", "160", "--max-chunk", str(CHUNK), "--assistant", str(asst), "--draft-tokens", "4"]
+    assert export_main(["tiny", str(out), *flags, "--vision", "--max-soft-tokens", "70", "--audio"]) == 0
     return out, asst
 
 
 @pytest.fixture(scope="session")
-def pte_towers(tmp_path_factory):
-    """tiny (seed 0) fp32 with the tiny vision and audio towers: `vision_encoder` (up to 70 soft tokens an
-    image), `audio_encoder`, `speech_transform` and `text_decoder` beside `forward`."""
-    out = tmp_path_factory.mktemp("towers") / "tiny-towers.pte"
-    flags = ["--max-seq-len", "160", "--max-chunk", str(CHUNK), "--vision", "--max-soft-tokens", "70", "--audio"]
-    assert export_main(["tiny", str(out), *flags]) == 0
-    return out
+def pte_draft(pte_multi):
+    """A program with a drafter (`pte_multi`) and its assistant's folder."""
+    return pte_multi
+
+
+@pytest.fixture(scope="session")
+def pte_towers(pte_multi):
+    """A program with the vision and audio towers (`pte_multi`)."""
+    return pte_multi[0]

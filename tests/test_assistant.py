@@ -294,6 +294,25 @@ def test_pte_accepts_an_oracles_drafts(pte_models, wrong):
         assert 0 < g.accepted < g.drafted
 
 
+@torch.no_grad()
+def test_pte_drafts_after_an_image_prompt(pte_models):
+    """The drafter program also has the towers: after `text_decoder` prefills a prompt with an image, `draft`
+    reads the hidden state it left and proposes the eager drafter's tokens, round for round."""
+    pte, _, drafter = pte_models
+    cfg = attrs.evolve(TARGET, towers=g4.config.TOWERS["tiny"])  # the export draws the towers after the text
+    eager = EagerModel(cfg, g4.init_params(cfg, seed=0), max_context=96, ring=drafter.ring(cfg))
+    gx, gy = torch.meshgrid(torch.arange(9), torch.arange(6), indexing="xy")  # 6 x 9 patches: 6 soft tokens
+    pixels = torch.rand(1, 54, 48, generator=torch.Generator().manual_seed(0))
+    soft = pte.encode(pixels, torch.stack([gx, gy], -1).reshape(1, 54, 2))  # the same soft tokens on both
+    prompt = [2, *range(10, 25), *pte.vision.placeholders(6), 9, 10]
+    runs = {}
+    for name, model, d in (("pte", pte, PteDrafter(pte)), ("eager", eager, drafter)):
+        r = Recorder(d)
+        runs[name] = generate(model, prompt, 24, stop=(), drafter=r, soft=soft).ids, r.rounds
+    assert runs["pte"] == runs["eager"] and len(runs["pte"][1]) >= 5
+    assert runs["pte"][0] == generate(pte, prompt, 24, stop=(), soft=soft).ids
+
+
 def test_run_drafts_with_a_pte_drafter(pte_draft, capsys):
     from g4.run import main
 

@@ -55,11 +55,9 @@ EXPORT = [
     (["tiny", "{out}", "--vision", "--dtype", "bf16"], "vision / audio: the towers are exported with fp32 activations"),
     (["tiny", "{out}", "--audio", "--dtype", "bf16"], "vision / audio: the towers are exported with fp32 activations"),
     (["tiny-31b", "{out}", "--audio"], "--audio: no audio tower for tiny-31b"),
-    (["tiny", "{out}", "--audio", "--assistant", "{asst}"], "audio: a program with a drafter takes no towers"),
     (["{out}", "--checkpoint", "{ck}", "--audio"], "config.json: towers need a multimodal Gemma 4 config"),
     (["tiny", "{out}", "--audio", "--audio-quantize", "8da4w"], "group_size 32 does not divide the input width 48"),
     (["tiny-31b", "{out}", "--vision"], "--vision: no vision tower for tiny-31b"),
-    (["tiny", "{out}", "--vision", "--assistant", "{asst}"], "vision: a program with a drafter takes no towers"),
     (["{out}", "--checkpoint", "{ck}", "--vision"], "config.json: towers need a multimodal Gemma 4 config"),
     (
         ["{out}", "--checkpoint", "{bick}", "--vision", "--max-seq-len", "64"],

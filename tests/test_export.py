@@ -301,12 +301,44 @@ def test_lean_patches_find_their_targets():
     assert lean.problems() == []  # on the pinned executorch and torch, every patch applies
 
 
-def test_every_lean_patch_ran_in_the_tiny_exports(pte_fp32, pte_8da4w):
+def test_every_lean_patch_ran_in_the_tiny_exports(pte_fp32, pte_8da4w, pte_towers):
     from g4.export.lean import USED
 
     names = ("fx_sources_not_kept", "weights_not_copied_for_xnnpack", "light_dependency_viewers", "provenance_shared")
     assert all(USED[n] > 0 for n in names), USED
     assert USED["freed_once_packed"] > 0, USED  # the 8da4w export's quantized linears, freed as packed
+    assert USED["packed_data_shared"] > 0, USED  # the towers program's decoder weights, packed for two methods
+
+
+def test_two_methods_keep_one_copy_of_a_packed_weight():
+    """`forward` and `text_decoder` pack the same weights: one bytes object for both methods' data stores,
+    the same program as without the fix."""
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    from g4.export import lean
+
+    w = torch.randn(64, 64)
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", w)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w)
+
+    def lower():
+        eps = {n: torch.export.export(Two(), (torch.randn(2, 64),)) for n in ("forward", "text_decoder")}
+        edge = to_edge_transform_and_lower(eps, partitioner=g4.export._partitioners())
+        mods = [m for n in edge.methods for m in edge.exported_program(n).graph_module.modules()]
+        stores = [m.named_data_store_output for m in mods if isinstance(m, LoweredBackendModule)]
+        return edge.to_executorch().buffer, [b for s in stores for b in s.buffers]
+
+    with lean.packed_data_shared():
+        shared, (a, b) = lower()
+    plain, (c, d) = lower()
+    assert a is b and c is not d and a == c == d and shared == plain
 
 
 @pytest.mark.parametrize("readers", [1, 2])

@@ -376,9 +376,11 @@ def test_g4_run_with_an_image_on_the_pte_and_eager(pte_towers, tmp_path, capsys)
     from PIL import Image
 
     Image.fromarray((torch.rand(30, 44, 3) * 255).byte().numpy()).save(tmp_path / "photo.png")
-    for err in run_three_ways(pte_towers, ["--image", str(tmp_path / "photo.png")], capsys):
+    errs = run_three_ways(pte_towers, ["--image", str(tmp_path / "photo.png")], capsys)
+    for err in errs:
         assert "vision: 1 image(s), 60 soft tokens" in err, err  # 72 x 120 pixels: 6 x 10 blocks
         assert "| 8 tokens |" in err, err
+    assert "| accepted" in errs[0] and "| accepted" in errs[2]  # the .pte drafts (its drafter), eager does not
 
 
 def test_g4_run_puts_the_image_in_the_last_user_turn_of_a_messages_file(pte_towers, tmp_path, capsys):

@@ -167,7 +167,7 @@ def run(a: argparse.Namespace) -> int:
         tok_folder = ckpt if ckpt is not None else TINY if is_tiny(a.size) else None
         stops = stop_ids(tok_folder, cfg.eos_token_id)
         drafter = assistant(a, cfg, opts)
-        check_towers(cfg, None, drafter, opts)
+        check_towers(cfg, None, opts)
     except ValueError as e:  # GenerateError, ConfigError too
         raise UsageError(str(e)) from None
     tokenizers = [] if tok_folder is None else tokenizer_files(tok_folder, out, a.force)

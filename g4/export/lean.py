@@ -58,6 +58,7 @@ def _targets() -> dict[str, tuple[Any, str, tuple[str, ...]]]:
     """Patch name -> (owner, attribute, the leading parameter names g4 relies on)."""
     from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir._serialize._named_data_store import NamedDataStore
     from executorch.exir.backend.canonical_partitioners import group_partitioner
     from torch.fx import graph_module as fx_gm
     from torch.fx import traceback as fxt
@@ -71,6 +72,7 @@ def _targets() -> dict[str, tuple[Any, str, tuple[str, ...]]]:
             ("edge_program", "compile_specs"),
         ),
         "freed_once_packed": (NodeVisitor, "get_serialized_buffer_index", ("self", "tensor")),
+        "packed_data_shared": (NamedDataStore, "add_named_data", ("self", "key", "data")),
         "light_dependency_viewers": (partitioner, "_DependencyViewer", ("graph_module",)),
         "light_dependency_viewers (group)": (group_partitioner, "_DependencyViewer", ("graph_module",)),
         "provenance_shared": (fxt.NodeSource, "__init__", ("self", "node", "pass_name")),
@@ -215,6 +217,35 @@ def freed_once_packed(weights: list[torch.Tensor], programs: list[Any]) -> Itera
         NodeVisitor.get_serialized_buffer_index = keep
 
 
+@contextlib.contextmanager
+def packed_data_shared() -> Iterator[None]:
+    """XNNPACK adds each packed weight to its method's data store as fresh `bytes` keyed by their SHA-256,
+    so a decoder exported as two methods (`forward`, `text_decoder`) holds every packed weight twice
+    until the program is written (the file stores it once). Inside this block a store given bytes equal
+    to ones added before under the same key keeps the first object instead."""
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    if not _ok("packed_data_shared"):
+        yield
+        return
+    keep = NamedDataStore.add_named_data
+    first: dict[str, bytes] = {}
+
+    def add(self: Any, key: str, data: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(data, bytes):
+            seen = first.setdefault(key, data)
+            if seen is not data and seen == data:
+                USED["packed_data_shared"] += 1
+                data = seen
+        keep(self, key, data, *args, **kwargs)
+
+    NamedDataStore.add_named_data = add
+    try:
+        yield
+    finally:
+        NamedDataStore.add_named_data = keep
+
+
 class _NodeBits(collections.abc.Set):
     """A read-only set of graph nodes stored as a bitmask over the graph's node order."""
 
@@ -335,5 +366,11 @@ def lean_lowering(on: bool = True) -> Iterator[None]:
     if not on:
         yield
         return
-    with fx_sources_not_kept(), weights_not_copied_for_xnnpack(), light_dependency_viewers(), provenance_shared():
+    with (
+        fx_sources_not_kept(),
+        weights_not_copied_for_xnnpack(),
+        light_dependency_viewers(),
+        provenance_shared(),
+        packed_data_shared(),
+    ):
         yield
