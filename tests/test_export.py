@@ -147,22 +147,30 @@ def cli(*args, env=None):
     )
 
 
-def test_cli_help_and_bad_arguments(tmp_path):
-    r = cli("--help")
+def test_cli_help_and_bad_arguments(tmp_path, monkeypatch, capsys):
+    r = cli("--help")  # the process: help exits 0, a bad argument 2
     assert r.returncode == 0 and "--embedding-quantize" in r.stdout and "--checkpoint" in r.stdout
     r = cli("e9b", str(tmp_path / "x.pte"))
     assert r.returncode == 2 and "unknown size 'e9b'" in r.stderr
-    r = cli("e2b", str(tmp_path / "x.pte"), env={"HF_HOME": str(tmp_path / "hf")})
-    assert r.returncode == 2 and "--checkpoint" in r.stderr and "--random-weights" in r.stderr
-    r = cli("tiny", str(tmp_path / "no" / "x.pte"))
-    assert r.returncode == 2 and "does not exist" in r.stderr
+
+    def exit_status(*args):  # the rest in this process (each process costs seconds of imports)
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        return code, capsys.readouterr().err
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    code, err = exit_status("e2b", str(tmp_path / "x.pte"))
+    assert code == 2 and "--checkpoint" in err and "--random-weights" in err
+    code, err = exit_status("tiny", str(tmp_path / "no" / "x.pte"))
+    assert code == 2 and "does not exist" in err
     (tmp_path / "file").write_text("")
-    r = cli("tiny", str(tmp_path / "file" / "x.pte"))
-    assert r.returncode == 2
-    r = cli("tiny", str(tmp_path / "x.pte"), "--quantize", "9bit")
-    assert r.returncode == 2 and "invalid choice" in r.stderr
-    r = cli("tiny", str(tmp_path / "x.pte"), "--kv-cache", "int8", "--dtype", "bf16")
-    assert r.returncode == 2 and "kv_cache int8 needs dtype fp32" in r.stderr
+    assert exit_status("tiny", str(tmp_path / "file" / "x.pte"))[0] == 2
+    code, err = exit_status("tiny", str(tmp_path / "x.pte"), "--quantize", "9bit")
+    assert code == 2 and "invalid choice" in err
+    code, err = exit_status("tiny", str(tmp_path / "x.pte"), "--kv-cache", "int8", "--dtype", "bf16")
+    assert code == 2 and "kv_cache int8 needs dtype fp32" in err
 
 
 def test_cli_takes_its_options_from_export_options():
