@@ -124,7 +124,8 @@ def et_hooks(start: int, T: int, rot: Tensor, int8: bool = False) -> Hooks:
         """Sliding layers: the additive mask over the keys the kernel reads; full layers: causal, none."""
         if spec.window is None:
             return None
-        m = m.reshape(m.shape[-2:])  # [1, 1, 1, T, S] with image blocks (batch 1)
+        if m.dim() > 2:  # [1, 1, 1, T, S] with image blocks (batch 1)
+            m = m.reshape(m.shape[-2:])
         add = torch.zeros(m.shape, dtype=torch.float32).masked_fill(~m, float("-inf"))
         return add[:, : T + filled(m.shape[1])]  # narrowed explicitly: ATen and runtime kernels slice differently
 
