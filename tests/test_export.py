@@ -328,16 +328,8 @@ def test_two_methods_keep_one_copy_of_a_packed_weight():
 
     w = torch.randn(64, 64)
 
-    class Two(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("w", w)
-
-        def forward(self, x):
-            return torch.nn.functional.linear(x, self.w)
-
     def lower():
-        eps = {n: torch.export.export(Two(), (torch.randn(2, 64),)) for n in ("forward", "text_decoder")}
+        eps = {n: torch.export.export(OneLinear(w), (torch.randn(2, 64),)) for n in ("forward", "text_decoder")}
         edge = to_edge_transform_and_lower(eps, partitioner=g4.export._partitioners())
         mods = [m for n in edge.methods for m in edge.exported_program(n).graph_module.modules()]
         stores = [m.named_data_store_output for m in mods if isinstance(m, LoweredBackendModule)]
@@ -347,6 +339,17 @@ def test_two_methods_keep_one_copy_of_a_packed_weight():
         shared, (a, b) = lower()
     plain, (c, d) = lower()
     assert a is b and c is not d and a == c == d and shared == plain
+
+
+class OneLinear(torch.nn.Module):
+    """`linear(x, w)` with `w` a buffer: exported as two methods, both read the one weight."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.register_buffer("w", w)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w)
 
 
 @pytest.mark.parametrize("readers", [1, 2])
@@ -360,16 +363,11 @@ def test_a_weight_two_methods_read_is_freed_after_both_packed_it(readers):
 
     w = quantize_linear(torch.randn(64, 64), "8da4w", 32)
 
-    class Two(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("w", w)
-
-        def forward(self, x):
-            return torch.nn.functional.linear(x, self.w)
-
     x = torch.randn(2, 64)
-    eps = {n: torch.export.export(Two(), (x,)).run_decompositions(DECOMPOSITIONS) for n in ("forward", "text_decoder")}
+    eps = {
+        n: torch.export.export(OneLinear(w), (x,)).run_decompositions(DECOMPOSITIONS)
+        for n in ("forward", "text_decoder")
+    }
     # told of one reader only (as the freeing was before it counted the programs): freed after the first
     with lean.lean_lowering(), lean.freed_once_packed([w], list(eps.values())[:readers]):
         if readers == 1:
