@@ -87,8 +87,14 @@ def test_export_bad_input(tmp_path, tiny_ck, bidirectional_ck, tiny_assistant, c
         (badgen / f.name).symlink_to(f)
     (badgen / "generation_config.json").write_text("{")
     before = files(tmp_path)
-    fill = dict(out=tmp_path / "x.pte", dir=tmp_path / "dir", ck=tiny_ck, badgen=badgen, asst=tiny_assistant)
-    fill |= dict(bick=bidirectional_ck)
+    fill = dict(
+        out=tmp_path / "x.pte",
+        dir=tmp_path / "dir",
+        ck=tiny_ck,
+        badgen=badgen,
+        asst=tiny_assistant,
+        bick=bidirectional_ck,
+    )
     argv = [a.format(**fill) for a in args]
     assert export_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
